@@ -1,1 +1,25 @@
+//! tern's CNI plugins.
+//!
+//! `skel` turns the process environment and stdin into a [`Request`] and a
+//! plugin's answer into the spec's stdout and exit code; each plugin only
+//! implements [`Plugin`]. `delegate` runs another plugin (IPAM) found on
+//! CNI_PATH, or tern-ipam in-process.
+pub mod delegate;
+pub mod fault;
+pub mod ipam;
+pub mod names;
+pub mod pod;
+pub mod skel;
 
+pub use skel::{Plugin, Request};
+
+/// Every plugin type the `tern` executable answers to, by file name.
+pub fn plugin_by_name(name: &str) -> Option<&'static dyn Plugin> {
+    match name {
+        "tern" => Some(&pod::PodPlugin),
+        "tern-ipam" => Some(&ipam::IpamPlugin),
+        _ => None,
+    }
+}
+
+pub const PLUGIN_NAMES: &[&str] = &["tern", "tern-ipam"];

@@ -1,0 +1,41 @@
+//! The command-line tool: one module per subcommand.
+use clap::{Parser, Subcommand};
+
+mod install;
+
+#[derive(Parser)]
+#[command(name = "tern", version, about = "tern: a Kubernetes network stack (CNI plugins, and the tools around them)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Copy this executable into a CNI bin directory and link every plugin name to it.
+    Install(install::Args),
+    /// Print the plugin names and the CNI versions they support.
+    Plugins,
+}
+
+pub fn run() -> i32 {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Install(args) => install::run(args),
+        Command::Plugins => {
+            for name in tern_plugins::PLUGIN_NAMES {
+                let p = tern_plugins::plugin_by_name(name).expect("listed plugin exists");
+                let versions: Vec<&str> = p.supported_versions().iter().map(|v| v.as_str()).collect();
+                println!("{name}\t{}", versions.join(","));
+            }
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("tern: {e:#}");
+            1
+        }
+    }
+}
