@@ -131,6 +131,7 @@ pub(crate) fn output(
 
     let mut timed_out = false;
     if exited.recv_timeout(timeout).is_err() {
+        // Not reaped yet, so the pid (= pgid) is still ours.
         timed_out = true;
         kill_group(pid);
     }
@@ -138,15 +139,20 @@ pub(crate) fn output(
         .join()
         .expect("waiter thread")
         .unwrap_or_else(|e| panic!("testkit: wait for {what}: {e}"));
+    let ino = ns.map(Netns::inode);
     let mut collect = |rx: mpsc::Receiver<Vec<u8>>| -> Vec<u8> {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(b) => b,
             Err(_) => {
                 // Something the command left in the background holds the pipe.
+                // The leader is reaped, so only signal group members we can
+                // prove are ours: those inside the test's namespace.
                 timed_out = true;
-                kill_group(pid);
-                rx.recv().unwrap_or_default()
+                if let Some(ino) = ino {
+                    crate::netns::kill_group_in_ns(ino, pid);
+                }
+                rx.recv_timeout(Duration::from_secs(5)).unwrap_or_default()
             }
         }
     };

@@ -84,7 +84,10 @@ impl Netns {
     }
 
     pub(crate) fn track(&self, pgid: i32) {
-        self.pgids.lock().unwrap_or_else(|e| e.into_inner()).push(pgid);
+        self.pgids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(pgid);
     }
 
     /// A `Command` that runs `program` inside this namespace (as with
@@ -175,8 +178,7 @@ impl Netns {
                 if a["scope"] != "global" {
                     continue;
                 }
-                if let (Some(local), Some(plen)) = (a["local"].as_str(), a["prefixlen"].as_u64())
-                {
+                if let (Some(local), Some(plen)) = (a["local"].as_str(), a["prefixlen"].as_u64()) {
                     res.push((a["family"] == "inet6", format!("{local}/{plen}")));
                 }
             }
@@ -241,6 +243,19 @@ impl Drop for Netns {
 /// started: a descendant of ours, or a member of a process group the kit
 /// created (which catches orphaned background jobs of `sh` scripts).
 fn kill_leftovers(ino: u64, pgids: &[i32]) {
+    kill_in_ns(ino, |pgrp, descends_from_me| {
+        descends_from_me || pgids.contains(&pgrp)
+    });
+}
+
+/// SIGKILLs the members of process group `pgid` whose netns is `ino`.
+pub(crate) fn kill_group_in_ns(ino: u64, pgid: i32) {
+    kill_in_ns(ino, |pgrp, _| pgrp == pgid);
+}
+
+/// SIGKILLs each process (other than us) in netns `ino` for which
+/// `pick(pgrp, is_our_descendant)` holds.
+fn kill_in_ns(ino: u64, pick: impl Fn(i32, bool) -> bool) {
     let me = std::process::id() as i32;
     let want = format!("net:[{ino}]");
     let mut procs: HashMap<i32, (i32, i32)> = HashMap::new();
@@ -284,7 +299,7 @@ fn kill_leftovers(ino: u64, pgids: &[i32]) {
             Ok(l) if l.as_os_str() == want.as_str() => {}
             _ => continue,
         }
-        if pgids.contains(&pgrp) || descends_from_me(pid) {
+        if pick(pgrp, descends_from_me(pid)) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,

@@ -33,6 +33,15 @@ pub(crate) fn kill_registered(ns: &str) {
 pub struct ChildGuard {
     child: Child,
     log: PathBuf,
+    /// Once reaped, its pid may be reused: never signal it again.
+    reaped: bool,
+}
+
+fn unregister(pid: i32) {
+    REGISTRY
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|(_, p)| *p != pid);
 }
 
 /// Starts `argv` inside `ns` in the background (stdin from /dev/null).
@@ -53,14 +62,22 @@ pub fn spawn_in(ns: &Netns, argv: &[&str]) -> ChildGuard {
         Err(e) => {
             drop(reg);
             let _ = std::fs::remove_file(&log);
-            panic!("testkit: cannot start `{}` in netns {}: {e}", argv.join(" "), ns.name());
+            panic!(
+                "testkit: cannot start `{}` in netns {}: {e}",
+                argv.join(" "),
+                ns.name()
+            );
         }
     };
     let pid = child.id() as i32;
     reg.push((ns.name().to_owned(), pid));
     drop(reg);
     ns.track(pid);
-    ChildGuard { child, log }
+    ChildGuard {
+        child,
+        log,
+        reaped: false,
+    }
 }
 
 impl ChildGuard {
@@ -82,13 +99,19 @@ impl ChildGuard {
 
     /// Whether the process is still running (reaps it if it exited).
     pub fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        self.exit_code().is_none()
     }
 
-    /// Exit code if it has exited (128 + signal if killed).
+    /// Exit code if it has exited (128 + signal if killed); reaps it.
     pub fn exit_code(&mut self) -> Option<i32> {
         match self.child.try_wait() {
-            Ok(Some(s)) => Some(crate::exec::code_of(&s)),
+            Ok(Some(s)) => {
+                if !self.reaped {
+                    self.reaped = true;
+                    unregister(self.child.id() as i32);
+                }
+                Some(crate::exec::code_of(&s))
+            }
             _ => None,
         }
     }
@@ -96,13 +119,12 @@ impl ChildGuard {
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
-        let pid = self.child.id() as i32;
-        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-        let _ = self.child.wait();
-        REGISTRY
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|(_, p)| *p != pid);
+        if !self.reaped {
+            let pid = self.child.id() as i32;
+            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+            unregister(pid);
+            let _ = self.child.wait();
+        }
         let _ = std::fs::remove_file(&self.log);
     }
 }

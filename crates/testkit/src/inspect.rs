@@ -1,0 +1,49 @@
+//! Leak inspection for a node namespace and a host-local style data dir.
+
+use std::path::Path;
+
+use crate::netns::ip_json;
+use crate::Netns;
+
+/// veth links in `ns` whose name starts with `prefix` ("" for all).
+pub fn veth_links(ns: &Netns, prefix: &str) -> Vec<String> {
+    ip_json(ns, &["link", "show", "type", "veth"])
+        .iter()
+        .filter_map(|l| l["ifname"].as_str())
+        .filter(|n| n.starts_with(prefix))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// nftables tables in `ns`, as `"<family> <name>"` (e.g. `"inet tern"`).
+pub fn nft_tables(ns: &Netns) -> Vec<String> {
+    let out = ns.run(&["nft", "list", "tables"]);
+    if !out.status.success() {
+        panic!(
+            "testkit: `nft list tables` in netns {} failed: {}",
+            ns.name(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("table "))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Reservation files in a host-local style directory `data_dir/network`
+/// (one file per reserved IP), sorted; excludes `lock` and
+/// `last_reserved_ip.*`. Empty if the directory does not exist.
+pub fn reservations(data_dir: &Path, network: &str) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(data_dir.join(network)) else {
+        return Vec::new();
+    };
+    let mut v: Vec<String> = rd
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n != "lock" && !n.starts_with("last_reserved_ip"))
+        .collect();
+    v.sort();
+    v
+}
