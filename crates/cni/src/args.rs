@@ -15,9 +15,7 @@ impl CniArgs {
             let mut kv = item.split('=');
             match (kv.next(), kv.next(), kv.next()) {
                 (Some(k), Some(v), None) if !k.is_empty() => pairs.push((k.to_string(), v.to_string())),
-                _ => {
-                    return Err(CniError::new(Code::InvalidEnv, format!("ARGS: invalid pair {item:?} (CNI_ARGS)")))
-                }
+                _ => return Err(CniError::new(Code::InvalidEnv, format!("ARGS: invalid pair {item:?} (CNI_ARGS)"))),
             }
         }
         Ok(CniArgs { pairs })
@@ -34,6 +32,16 @@ impl CniArgs {
     /// Reject keys this plugin does not know unless `IgnoreUnknown` is set.
     /// The K8S_* keys every Kubernetes runtime sends are always accepted.
     pub fn check_known(&self, known: &[&str]) -> Result<(), CniError> {
+        if let Some(v) = self.get("IgnoreUnknown") {
+            // libcni's UnmarshallableBool: 1/0/true/false, case-insensitive.
+            let valid = ["1", "0", "true", "false"].iter().any(|b| v.eq_ignore_ascii_case(b));
+            if !valid {
+                return Err(CniError::new(
+                    Code::InvalidEnv,
+                    format!("ARGS: invalid boolean {v:?} for IgnoreUnknown (CNI_ARGS)"),
+                ));
+            }
+        }
         if self.ignore_unknown() {
             return Ok(());
         }
@@ -65,5 +73,8 @@ mod tests {
         let strict = CniArgs::parse("FOO=1").unwrap();
         assert!(strict.check_known(&["IP"]).is_err());
         assert!(CniArgs::parse("FOO=1;IgnoreUnknown=true").unwrap().check_known(&[]).is_ok());
+        assert!(CniArgs::parse("FOO=1;IgnoreUnknown=TRUE").unwrap().check_known(&[]).is_ok());
+        assert!(CniArgs::parse("FOO=1;IgnoreUnknown=0").unwrap().check_known(&[]).is_err());
+        assert_eq!(CniArgs::parse("IgnoreUnknown=yes").unwrap().check_known(&[]).unwrap_err().code, 4);
     }
 }

@@ -13,8 +13,14 @@ use serde_json::{Map, Value};
 use crate::env::Command;
 use crate::error::{CniError, Code};
 use crate::result::{CniResult, Dns};
+use crate::serde_util::{join_path, null_default};
 use crate::validate;
-use crate::version::Version;
+use crate::version::{self, Version};
+
+/// The GC key (SPEC main, libcni >= 1.2.0).
+pub const VALID_ATTACHMENTS: &str = "cni.dev/valid-attachments";
+/// The GC key as the spec-1.1 tag text named it (sent too by libcni >= 1.2.3).
+pub const ATTACHMENTS: &str = "cni.dev/attachments";
 
 /// One entry of `cni.dev/valid-attachments` (GC).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -31,7 +37,8 @@ pub struct PortMapping {
     pub host_port: u16,
     #[serde(rename = "containerPort")]
     pub container_port: u16,
-    #[serde(default = "default_protocol")]
+    /// Defaults to `tcp` when absent or `null`.
+    #[serde(default = "default_protocol", deserialize_with = "protocol_or_tcp")]
     pub protocol: String,
     #[serde(rename = "hostIP", default, skip_serializing_if = "Option::is_none")]
     pub host_ip: Option<String>,
@@ -41,29 +48,37 @@ fn default_protocol() -> String {
     "tcp".into()
 }
 
+fn protocol_or_tcp<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.unwrap_or_else(default_protocol))
+}
+
 /// Traffic shaping (capability `bandwidth`): rates in bit/s, bursts in bits.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Bandwidth {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     pub ingress_rate: u64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     pub ingress_burst: u64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     pub egress_rate: u64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     pub egress_burst: u64,
 }
 
-/// Capability arguments delivered by the runtime in `runtimeConfig`.
+/// Capability arguments delivered by the runtime in `runtimeConfig`
+/// (CONVENTIONS.md). `null` values count as absent; capabilities tern does
+/// not type are kept in `other`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RuntimeConfig {
-    #[serde(default)]
+    /// `["ip[/prefix]", ...]`; each entry is checked to be an address.
+    #[serde(default, deserialize_with = "null_default")]
     pub ips: Vec<String>,
     #[serde(default)]
     pub mac: Option<String>,
-    #[serde(default)]
+    /// Host and container ports are checked to be non-zero.
+    #[serde(default, deserialize_with = "null_default")]
     pub port_mappings: Vec<PortMapping>,
     #[serde(default)]
     pub bandwidth: Option<Bandwidth>,
@@ -71,6 +86,34 @@ pub struct RuntimeConfig {
     pub ip_ranges: Option<Value>,
     #[serde(flatten)]
     pub other: Map<String, Value>,
+}
+
+impl RuntimeConfig {
+    /// Checks beyond the types: ports are non-zero (CONVENTIONS: "ports must
+    /// be > 0") and `ips` entries are addresses with an optional prefix.
+    fn validate(&self) -> Result<(), CniError> {
+        for (i, pm) in self.port_mappings.iter().enumerate() {
+            for (key, port) in [("hostPort", pm.host_port), ("containerPort", pm.container_port)] {
+                if port == 0 {
+                    let field = format!("runtimeConfig.portMappings[{i}].{key}");
+                    return Err(CniError::invalid_config(format!("invalid {field}: port must be 1-65535, got 0"))
+                        .with_details(format!("field: {field}")));
+                }
+            }
+        }
+        check_ip_list(&self.ips, "runtimeConfig.ips")
+    }
+}
+
+fn check_ip_list(ips: &[String], key: &str) -> Result<(), CniError> {
+    for (i, ip) in ips.iter().enumerate() {
+        if parse_ip_maybe_cidr(ip).is_none() {
+            let field = format!("{key}[{i}]");
+            return Err(CniError::invalid_config(format!("invalid {field}: {ip:?} is not an IP address"))
+                .with_details(format!("field: {field}")));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -92,6 +135,12 @@ pub struct NetConf {
 
 impl NetConf {
     /// Decode stdin for `command`, checking the version against `supported`.
+    ///
+    /// Error codes follow the reference skel and SPEC "Error": 6 for input
+    /// that is not a JSON object or a `cniVersion`/`prevResult` that cannot be
+    /// decoded, 1 for a version the plugin does not support (or one too old
+    /// for CHECK, GC or STATUS), 7 for a bad network configuration. Messages
+    /// name the offending key (`runtimeConfig.portMappings[0].hostPort`).
     pub fn parse(bytes: &[u8], command: Command, supported: &[Version]) -> Result<NetConf, CniError> {
         let value: Value = serde_json::from_slice(bytes)
             .map_err(|e| CniError::new(Code::DecodingFailure, format!("error unmarshall network config: {e}")))?;
@@ -101,28 +150,26 @@ impl NetConf {
 
         let cni_version = match raw.get("cniVersion") {
             None | Some(Value::Null) => Version::V0_1_0,
-            Some(Value::String(s)) => Version::parse_or_default(Some(s))?,
-            Some(other) => {
-                return Err(CniError::invalid_config(format!("cniVersion must be a string, got {other}")))
-            }
+            Some(Value::String(s)) => match Version::parse_or_default(Some(s)) {
+                Ok(v) => v,
+                Err(e) if e.code == Code::IncompatibleVersion as u32 => {
+                    return Err(version::incompatible(s, supported))
+                }
+                Err(e) => return Err(e),
+            },
+            Some(other) => return Err(CniError::invalid_config(format!("cniVersion must be a string, got {other}"))),
         };
         if !supported.contains(&cni_version) {
-            return Err(CniError::new(Code::IncompatibleVersion, "incompatible CNI versions").with_details(format!(
-                "config is {:?}, plugin supports {:?}",
-                cni_version.as_str(),
-                supported.iter().map(|v| v.as_str()).collect::<Vec<_>>()
-            )));
+            return Err(version::incompatible(cni_version.as_str(), supported));
         }
+        let too_old = |verb: &str, min: Version| {
+            CniError::new(Code::IncompatibleVersion, format!("config version does not allow {verb}"))
+                .with_details(format!("cniVersion is {:?}, {verb} needs {min} or later", cni_version.as_str()))
+        };
         match command {
-            Command::Check if !cni_version.supports_check() => {
-                return Err(CniError::new(Code::IncompatibleVersion, "config version does not allow CHECK"))
-            }
-            Command::Gc if !cni_version.supports_gc_and_status() => {
-                return Err(CniError::new(Code::IncompatibleVersion, "config version does not allow GC"))
-            }
-            Command::Status if !cni_version.supports_gc_and_status() => {
-                return Err(CniError::new(Code::IncompatibleVersion, "config version does not allow STATUS"))
-            }
+            Command::Check if !cni_version.supports_check() => return Err(too_old("CHECK", Version::V0_4_0)),
+            Command::Gc if !cni_version.supports_gc_and_status() => return Err(too_old("GC", Version::V1_1_0)),
+            Command::Status if !cni_version.supports_gc_and_status() => return Err(too_old("STATUS", Version::V1_1_0)),
             _ => {}
         }
 
@@ -134,15 +181,11 @@ impl NetConf {
         validate::network_name(&name)?;
 
         let plugin_type = match raw.get("type") {
-            Some(Value::String(s)) if !s.is_empty() => s.clone(),
-            None | Some(Value::Null) | Some(Value::String(_)) => {
-                return Err(CniError::invalid_config("missing plugin type (type)"))
-            }
+            None | Some(Value::Null) => String::new(),
+            Some(Value::String(s)) => s.clone(),
             Some(other) => return Err(CniError::invalid_config(format!("type must be a string, got {other}"))),
         };
-        if plugin_type.contains('/') || plugin_type.contains('\\') {
-            return Err(CniError::invalid_config(format!("invalid plugin type {plugin_type:?}: contains a path separator (type)")));
-        }
+        validate::plugin_type(&plugin_type, "type")?;
 
         let ipam = match raw.get("ipam") {
             None | Some(Value::Null) => None,
@@ -151,16 +194,24 @@ impl NetConf {
         };
         let dns = decode_field::<Dns>(&raw, "dns")?;
         let runtime_config = decode_field::<RuntimeConfig>(&raw, "runtimeConfig")?.unwrap_or_default();
+        runtime_config.validate()?;
 
         let prev_result = match raw.get("prevResult") {
             None | Some(Value::Null) => None,
             Some(v) => Some(CniResult::from_value(v, cni_version).map_err(|e| e.context("prevResult"))?),
         };
 
-        let valid_attachments = match (raw.get("cni.dev/valid-attachments"), raw.get("cni.dev/attachments")) {
-            (Some(v), _) if !v.is_null() => Some(decode_value(v, "cni.dev/valid-attachments")?),
-            (_, Some(v)) if !v.is_null() => Some(decode_value(v, "cni.dev/attachments")?),
-            _ => None,
+        // GC only. libcni 1.2.0-1.2.2 send `cni.dev/valid-attachments`, >= 1.2.3
+        // send it and the spec-1.1 tag's `cni.dev/attachments` with the same
+        // value. The corrected name wins when both are present.
+        let valid_attachments = if command == Command::Gc {
+            match (raw.get(VALID_ATTACHMENTS), raw.get(ATTACHMENTS)) {
+                (Some(v), _) if !v.is_null() => Some(decode_value(v, VALID_ATTACHMENTS)?),
+                (_, Some(v)) if !v.is_null() => Some(decode_value(v, ATTACHMENTS)?),
+                _ => None,
+            }
+        } else {
+            None
         };
 
         Ok(NetConf { cni_version, name, plugin_type, ipam, dns, runtime_config, prev_result, valid_attachments, raw })
@@ -175,7 +226,7 @@ impl NetConf {
     /// Decode the `ipam` object into `T`.
     pub fn ipam_options<T: DeserializeOwned>(&self) -> Result<T, CniError> {
         let m = self.ipam.clone().ok_or_else(|| CniError::invalid_config("IPAM config missing 'ipam' key"))?;
-        decode_map(&m, "ipam.")
+        decode_map(&m, "ipam")
     }
 
     /// The `ipam.type`, when IPAM is configured (an empty `ipam: {}` is "none").
@@ -185,16 +236,22 @@ impl NetConf {
             return Ok(None);
         }
         match m.get("type") {
-            Some(Value::String(s)) if !s.is_empty() && !s.contains('/') => Ok(Some(s.clone())),
-            _ => Err(CniError::invalid_config("ipam.type must be a plugin name (ipam.type)")),
+            Some(Value::String(s)) => validate::plugin_type(s, "ipam.type").map(|()| Some(s.clone())),
+            None | Some(Value::Null) => Err(CniError::invalid_config("missing plugin type (ipam.type)")),
+            Some(other) => Err(CniError::invalid_config(format!("ipam.type must be a string, got {other}"))),
         }
     }
 
     /// `args.cni.ips`, the conventional per-attachment address request.
+    /// Each entry must be an address with an optional prefix (code 7).
     pub fn args_ips(&self) -> Result<Vec<String>, CniError> {
         match self.raw.get("args").and_then(|a| a.get("cni")).and_then(|c| c.get("ips")) {
             None | Some(Value::Null) => Ok(Vec::new()),
-            Some(v) => decode_value(v, "args.cni.ips"),
+            Some(v) => {
+                let ips: Vec<String> = decode_value(v, "args.cni.ips")?;
+                check_ip_list(&ips, "args.cni.ips")?;
+                Ok(ips)
+            }
         }
     }
 
@@ -224,8 +281,7 @@ fn decode_field<T: DeserializeOwned>(raw: &Map<String, Value>, key: &str) -> Res
 /// Decode `v`, naming `key` and the path inside it on failure (code 7).
 pub fn decode_value<T: DeserializeOwned>(v: &Value, key: &str) -> Result<T, CniError> {
     serde_path_to_error::deserialize(v).map_err(|e| {
-        let path = e.path().to_string();
-        let field = if path == "." || path.is_empty() { key.to_string() } else { format!("{key}.{path}") };
+        let field = join_path(key, &e.path().to_string());
         CniError::invalid_config(format!("invalid {field}: {}", e.inner())).with_details(format!("field: {field}"))
     })
 }
@@ -234,7 +290,10 @@ fn decode_map<T: DeserializeOwned>(m: &Map<String, Value>, prefix: &str) -> Resu
     let v = Value::Object(m.clone());
     serde_path_to_error::deserialize(&v).map_err(|e| {
         let path = e.path().to_string();
-        let field = if path == "." { prefix.trim_end_matches('.').to_string() } else { format!("{prefix}{path}") };
+        let mut field = join_path(prefix, &path);
+        if field.is_empty() {
+            field = "(config)".into();
+        }
         CniError::invalid_config(format!("invalid {field}: {}", e.inner())).with_details(format!("field: {field}"))
     })
 }
@@ -259,7 +318,12 @@ mod tests {
             #[serde(default)]
             mtu: Option<u32>,
         }
-        let c = NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","type":"tern","zzz":1,"mtu":"big"}"#, Command::Add, &Version::ALL).unwrap();
+        let c = NetConf::parse(
+            br#"{"cniVersion":"1.0.0","name":"n","type":"tern","zzz":1,"mtu":"big"}"#,
+            Command::Add,
+            &Version::ALL,
+        )
+        .unwrap();
         assert_eq!(c.raw["zzz"], 1);
         let err = c.options::<Opts>().err().unwrap();
         assert_eq!(err.code, 7);

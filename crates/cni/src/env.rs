@@ -27,9 +27,7 @@ impl Command {
             "STATUS" => Command::Status,
             "GC" => Command::Gc,
             "VERSION" => Command::Version,
-            other => {
-                return Err(CniError::new(Code::InvalidEnv, format!("unknown CNI_COMMAND: {other}")))
-            }
+            other => return Err(CniError::new(Code::InvalidEnv, format!("unknown CNI_COMMAND: {other}"))),
         })
     }
     pub fn as_str(self) -> &'static str {
@@ -139,7 +137,8 @@ mod tests {
 
     #[test]
     fn empty_values_are_unset() {
-        let e = env(&[("CNI_COMMAND", "GC"), ("CNI_CONTAINERID", ""), ("CNI_NETNS", ""), ("CNI_PATH", "/a::/b")]).unwrap();
+        let e =
+            env(&[("CNI_COMMAND", "GC"), ("CNI_CONTAINERID", ""), ("CNI_NETNS", ""), ("CNI_PATH", "/a::/b")]).unwrap();
         assert_eq!(e.container_id, None);
         assert_eq!(e.path, vec!["/a", "/b"]);
     }

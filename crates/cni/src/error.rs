@@ -13,6 +13,8 @@ pub enum Code {
     Io = 5,
     DecodingFailure = 6,
     InvalidNetworkConfig = 7,
+    /// libcni/skel only (not in the spec table): `CNI_NETNS` is the plugin's own netns.
+    InvalidNetNs = 8,
     TryAgainLater = 11,
     NotAvailable = 50,
     LimitedConnectivity = 51,
@@ -48,6 +50,10 @@ impl CniError {
     pub fn invalid_config(msg: impl Into<String>) -> Self {
         CniError::new(Code::InvalidNetworkConfig, msg)
     }
+    /// Code 2. The spec requires the message to name the key and the value.
+    pub fn unsupported_field(key: &str, value: &serde_json::Value) -> Self {
+        CniError::new(Code::UnsupportedField, format!("unsupported field {key}: {value}"))
+    }
     /// Prefix the message with context, keeping the code.
     pub fn context(mut self, ctx: impl fmt::Display) -> Self {
         self.msg = format!("{ctx}: {}", self.msg);
@@ -69,3 +75,9 @@ impl fmt::Display for CniError {
 }
 
 impl std::error::Error for CniError {}
+
+impl From<Code> for u32 {
+    fn from(c: Code) -> u32 {
+        c as u32
+    }
+}

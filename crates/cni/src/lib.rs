@@ -8,14 +8,17 @@
 
 pub mod args;
 pub mod config;
+pub mod conflist;
 pub mod env;
 pub mod error;
 pub mod result;
+mod serde_util;
 pub mod validate;
 pub mod version;
 
-pub use config::{NetConf, RuntimeConfig};
+pub use config::{Attachment, Bandwidth, NetConf, PortMapping, RuntimeConfig};
+pub use conflist::NetConfList;
 pub use env::{Command, Env};
 pub use error::{CniError, Code};
 pub use result::{CniResult, Dns, Interface, IpConfig, Route};
-pub use version::Version;
+pub use version::{select_version, Version};

@@ -16,8 +16,9 @@ pub fn container_id(id: &str) -> Result<(), CniError> {
         return Err(CniError::new(Code::UnknownContainer, "missing containerID (CNI_CONTAINERID)"));
     }
     if !is_identifier(id) {
-        return Err(CniError::new(Code::InvalidEnv, "invalid characters in containerID (CNI_CONTAINERID)")
-            .with_details(id));
+        return Err(
+            CniError::new(Code::InvalidEnv, "invalid characters in containerID (CNI_CONTAINERID)").with_details(id)
+        );
     }
     Ok(())
 }
@@ -51,6 +52,22 @@ pub fn network_name(name: &str) -> Result<(), CniError> {
     Ok(())
 }
 
+/// A plugin `type` (the binary name looked up in CNI_PATH): non-empty, no
+/// path separator, not `.` or `..` (libcni `FindInPath`). `field` names the
+/// key in messages (`type`, `ipam.type`, `plugins[1].type`).
+pub fn plugin_type(t: &str, field: &str) -> Result<(), CniError> {
+    if t.is_empty() {
+        return Err(CniError::new(Code::InvalidNetworkConfig, format!("missing plugin type ({field})")));
+    }
+    if t.contains('/') || t.contains('\\') || t == "." || t == ".." || t.contains('\0') {
+        return Err(CniError::new(
+            Code::InvalidNetworkConfig,
+            format!("invalid plugin type {t:?}: must be a plain file name, without path separators ({field})"),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,5 +82,9 @@ mod tests {
         assert!(interface_name("0123456789abcde").is_ok());
         assert_eq!(interface_name("a b").unwrap_err().code, 4);
         assert_eq!(network_name("bad net").unwrap_err().code, 7);
+        assert!(plugin_type("bridge", "type").is_ok());
+        for bad in ["", ".", "..", "a/b", "a\\b"] {
+            assert_eq!(plugin_type(bad, "type").unwrap_err().code, 7, "{bad:?}");
+        }
     }
 }

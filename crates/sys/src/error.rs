@@ -40,11 +40,7 @@ pub enum SysError {
 
     /// An external command (only `nft`) failed.
     #[error("command `{cmd}` failed ({status}): {stderr}")]
-    Command {
-        cmd: String,
-        status: String,
-        stderr: String,
-    },
+    Command { cmd: String, status: String, stderr: String },
 
     /// The caller passed something the kernel would reject anyway (an
     /// over-long interface name, mixed address families...).
@@ -83,11 +79,7 @@ impl SysError {
     }
 
     pub(crate) fn io(op: impl Into<String>, path: impl Into<String>, source: std::io::Error) -> Self {
-        SysError::Io {
-            op: op.into(),
-            path: path.into(),
-            source,
-        }
+        SysError::Io { op: op.into(), path: path.into(), source }
     }
 
     pub(crate) fn nix(op: impl Into<String>, path: impl Into<String>, errno: nix::errno::Errno) -> Self {

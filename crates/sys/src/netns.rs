@@ -46,14 +46,11 @@ impl NetNs {
         let path = path.as_ref();
         let file = match File::open(path) {
             Ok(f) => f,
-            Err(e) if e.kind() == ErrorKind::NotFound => {
-                return Err(SysError::NetnsGone(path.to_path_buf()))
-            }
+            Err(e) if e.kind() == ErrorKind::NotFound => return Err(SysError::NetnsGone(path.to_path_buf())),
             Err(e) => return Err(SysError::io("open netns", path.display().to_string(), e)),
         };
         let fd = OwnedFd::from(file);
-        let fs = fstatfs(&fd)
-            .map_err(|e| SysError::nix("statfs netns", path.display().to_string(), e))?;
+        let fs = fstatfs(&fd).map_err(|e| SysError::nix("statfs netns", path.display().to_string(), e))?;
         if fs.filesystem_type() != NSFS_MAGIC {
             return Err(SysError::NetnsGone(path.to_path_buf()));
         }
@@ -69,15 +66,9 @@ impl NetNs {
             ));
         }
         if nstype != libc::CLONE_NEWNET {
-            return Err(SysError::Invalid(format!(
-                "{} is not a network namespace",
-                path.display()
-            )));
+            return Err(SysError::Invalid(format!("{} is not a network namespace", path.display())));
         }
-        Ok(NetNs {
-            fd,
-            path: path.to_path_buf(),
-        })
+        Ok(NetNs { fd, path: path.to_path_buf() })
     }
 
     /// The calling thread's current network namespace
@@ -98,21 +89,14 @@ impl NetNs {
 
     /// Duplicate the handle (a second descriptor on the same namespace).
     pub fn try_clone(&self) -> Result<NetNs> {
-        let fd = self
-            .fd
-            .try_clone()
-            .map_err(|e| SysError::io("dup netns fd", self.path.display().to_string(), e))?;
-        Ok(NetNs {
-            fd,
-            path: self.path.clone(),
-        })
+        let fd = self.fd.try_clone().map_err(|e| SysError::io("dup netns fd", self.path.display().to_string(), e))?;
+        Ok(NetNs { fd, path: self.path.clone() })
     }
 
     /// The namespace's inode number (what `ip netns identify` and
     /// `/proc/<pid>/ns/net -> net:[N]` show).
     pub fn inode(&self) -> Result<u64> {
-        let st = fstat(&self.fd)
-            .map_err(|e| SysError::nix("stat netns", self.path.display().to_string(), e))?;
+        let st = fstat(&self.fd).map_err(|e| SysError::nix("stat netns", self.path.display().to_string(), e))?;
         Ok(st.st_ino)
     }
 
@@ -137,10 +121,8 @@ impl NetNs {
     /// Whether the calling thread is currently in this namespace (compares
     /// device and inode with `/proc/thread-self/ns/net`).
     pub fn same_as_current(&self) -> Result<bool> {
-        let mine = fstat(&self.fd)
-            .map_err(|e| SysError::nix("stat netns", self.path.display().to_string(), e))?;
-        let cur = stat(CURRENT_THREAD_NETNS)
-            .map_err(|e| SysError::nix("stat netns", CURRENT_THREAD_NETNS, e))?;
+        let mine = fstat(&self.fd).map_err(|e| SysError::nix("stat netns", self.path.display().to_string(), e))?;
+        let cur = stat(CURRENT_THREAD_NETNS).map_err(|e| SysError::nix("stat netns", CURRENT_THREAD_NETNS, e))?;
         Ok(mine.st_dev == cur.st_dev && mine.st_ino == cur.st_ino)
     }
 }
@@ -181,16 +163,9 @@ pub fn create(path: impl AsRef<Path>) -> Result<NetNs> {
         std::fs::create_dir_all(parent)
             .map_err(|e| SysError::io("create directory", parent.display().to_string(), e))?;
     }
-    match OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o444)
-        .open(path)
-    {
+    match OpenOptions::new().write(true).create_new(true).mode(0o444).open(path) {
         Ok(_) => {}
-        Err(e) if e.kind() == ErrorKind::AlreadyExists => {
-            return Err(SysError::Exists(format!("netns path {shown}")))
-        }
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => return Err(SysError::Exists(format!("netns path {shown}"))),
         Err(e) => return Err(SysError::io("create netns mount point", shown, e)),
     }
     let orig = NetNs::current()?;
@@ -198,14 +173,8 @@ pub fn create(path: impl AsRef<Path>) -> Result<NetNs> {
         Err(e) => Err(SysError::nix("unshare netns for", shown.clone(), e)),
         Ok(()) => {
             let _restore = RestoreOnDrop(&orig);
-            mount(
-                Some(CURRENT_THREAD_NETNS),
-                path,
-                None::<&str>,
-                MsFlags::MS_BIND,
-                None::<&str>,
-            )
-            .map_err(|e| SysError::nix("bind-mount netns on", shown.clone(), e))
+            mount(Some(CURRENT_THREAD_NETNS), path, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+                .map_err(|e| SysError::nix("bind-mount netns on", shown.clone(), e))
         }
     };
     if let Err(e) = mounted {

@@ -18,11 +18,7 @@ use crate::error::{Result, SysError};
 /// The `/proc/sys` path for `key`.
 pub fn path(key: &str) -> PathBuf {
     let key = key.trim_start_matches('/');
-    let rel = if key.contains('/') {
-        key.to_string()
-    } else {
-        key.replace('.', "/")
-    };
+    let rel = if key.contains('/') { key.to_string() } else { key.replace('.', "/") };
     PathBuf::from("/proc/sys").join(rel)
 }
 
@@ -54,10 +50,7 @@ mod tests {
     fn key_forms() {
         assert_eq!(path("net.ipv4.ip_forward"), Path::new("/proc/sys/net/ipv4/ip_forward"));
         assert_eq!(path("net/ipv4/ip_forward"), Path::new("/proc/sys/net/ipv4/ip_forward"));
-        assert_eq!(
-            path("net/ipv4/conf/eth0.100/forwarding"),
-            Path::new("/proc/sys/net/ipv4/conf/eth0.100/forwarding")
-        );
+        assert_eq!(path("net/ipv4/conf/eth0.100/forwarding"), Path::new("/proc/sys/net/ipv4/conf/eth0.100/forwarding"));
         assert_eq!(path("/net/core/somaxconn"), Path::new("/proc/sys/net/core/somaxconn"));
     }
 }

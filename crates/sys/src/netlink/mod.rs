@@ -15,20 +15,21 @@
 
 mod addr;
 mod link;
+mod neigh;
 mod route;
 
 use std::num::NonZeroI32;
 
 use futures::StreamExt;
-use rtnetlink::packet_core::{
-    NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST,
-};
+use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST};
 use rtnetlink::packet_route::RouteNetlinkMessage;
+use rtnetlink::sys::AsyncSocket;
 
 use crate::error::{Result, SysError};
 use crate::netns::NetNs;
 
 pub use self::link::LinkInfo;
+pub use self::neigh::NeighbourInfo;
 pub use self::route::{Family, RouteInfo, RouteSpec};
 
 /// An Ethernet hardware address.
@@ -36,10 +37,7 @@ pub type Mac = [u8; 6];
 
 /// `aa:bb:cc:dd:ee:ff`, lower-case.
 pub fn format_mac(m: &Mac) -> String {
-    format!(
-        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        m[0], m[1], m[2], m[3], m[4], m[5]
-    )
+    format!("{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
 }
 
 /// Parse `aa:bb:cc:dd:ee:ff` (or with `-` separators, any case).
@@ -104,7 +102,7 @@ impl KernelError {
     /// Convert to [`SysError::Netlink`], naming the operation.
     pub(crate) fn into_sys(self, op: impl Into<String>) -> SysError {
         let e = nix::errno::Errno::from_raw(self.errno);
-        let desc = e.desc();
+        let desc = errno_desc(self.errno);
         let mut msg = String::with_capacity(desc.len() + 32);
         let mut chars = desc.chars();
         if let Some(c) = chars.next() {
@@ -116,11 +114,17 @@ impl KernelError {
             msg.push_str(": ");
             msg.push_str(&ext);
         }
-        SysError::Netlink {
-            op: op.into(),
-            errno: self.errno,
-            msg,
-        }
+        SysError::Netlink { op: op.into(), errno: self.errno, msg }
+    }
+}
+
+/// strerror(3) text, e.g. "Operation not supported" (nix's table says
+/// "operation not supported on transport endpoint" for EOPNOTSUPP).
+fn errno_desc(errno: i32) -> String {
+    let s = std::io::Error::from_raw_os_error(errno).to_string();
+    match s.rfind(" (os error ") {
+        Some(i) => s[..i].to_string(),
+        None => s,
     }
 }
 
@@ -180,8 +184,7 @@ impl Netlink {
         let (mut conn, handle, _) = {
             // The tokio socket registers with the runtime's reactor.
             let _guard = rt.enter();
-            rtnetlink::new_connection()
-                .map_err(|e| SysError::io("open", "netlink route socket", e))?
+            rtnetlink::new_connection().map_err(|e| SysError::io("open", "netlink route socket", e))?
         };
         {
             let sock = conn.socket_mut().socket_mut();
@@ -208,19 +211,14 @@ impl Netlink {
 
     /// Send one request and collect the replies. Returns the inner messages
     /// and whether the kernel flagged the dump as interrupted.
-    fn exchange(
-        &self,
-        msg: RouteNetlinkMessage,
-        flags: u16,
-    ) -> KResult<(Vec<RouteNetlinkMessage>, bool)> {
+    fn exchange(&self, msg: RouteNetlinkMessage, flags: u16) -> KResult<(Vec<RouteNetlinkMessage>, bool)> {
         let mut req = NetlinkMessage::from(msg);
         req.header.flags = flags;
         let mut handle = self.handle.clone();
         self.rt.block_on(async move {
-            let mut stream = handle.request(req).map_err(|_| KernelError {
-                errno: libc::EPIPE,
-                ext: Some("netlink connection closed".into()),
-            })?;
+            let mut stream = handle
+                .request(req)
+                .map_err(|_| KernelError { errno: libc::EPIPE, ext: Some("netlink connection closed".into()) })?;
             let mut out = Vec::new();
             let mut intr = false;
             while let Some(m) = stream.next().await {
@@ -240,17 +238,11 @@ impl Netlink {
                     }
                     NetlinkPayload::Done(d) => {
                         if let Some(code) = NonZeroI32::new(d.code) {
-                            return Err(KernelError {
-                                errno: errno_of(code),
-                                ext: ext_ack_msg(&d.extended_ack, 0),
-                            });
+                            return Err(KernelError { errno: errno_of(code), ext: ext_ack_msg(&d.extended_ack, 0) });
                         }
                     }
                     NetlinkPayload::Overrun(_) => {
-                        return Err(KernelError {
-                            errno: libc::ENOBUFS,
-                            ext: Some("netlink overrun".into()),
-                        })
+                        return Err(KernelError { errno: libc::ENOBUFS, ext: Some("netlink overrun".into()) })
                     }
                     _ => {}
                 }
@@ -290,6 +282,12 @@ mod tests {
     use super::*;
 
     #[test]
+    fn netlink_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Netlink>();
+    }
+
+    #[test]
     fn mac_roundtrip() {
         let m = [0x02, 0x42, 0xac, 0x11, 0x00, 0x0f];
         assert_eq!(format_mac(&m), "02:42:ac:11:00:0f");
@@ -321,16 +319,9 @@ mod tests {
         p.extend_from_slice(&len.to_ne_bytes());
         p.extend_from_slice(&NLMSGERR_ATTR_MSG.to_ne_bytes());
         p.extend_from_slice(text);
-        assert_eq!(
-            error_ext_ack(NLM_F_CAPPED | NLM_F_ACK_TLVS, &p).as_deref(),
-            Some("Nexthop has invalid gateway")
-        );
+        assert_eq!(error_ext_ack(NLM_F_CAPPED | NLM_F_ACK_TLVS, &p).as_deref(), Some("Nexthop has invalid gateway"));
         assert_eq!(error_ext_ack(NLM_F_CAPPED, &p), None);
-        let e = KernelError {
-            errno: libc::ENETUNREACH,
-            ext: Some("x".into()),
-        }
-        .into_sys("add route");
+        let e = KernelError { errno: libc::ENETUNREACH, ext: Some("x".into()) }.into_sys("add route");
         assert_eq!(e.to_string(), "add route: network is unreachable (ENETUNREACH): x");
         assert_eq!(e.errno(), Some(libc::ENETUNREACH));
     }
