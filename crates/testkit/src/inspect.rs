@@ -5,8 +5,21 @@ use std::path::Path;
 use crate::netns::ip_json;
 use crate::Netns;
 
+/// Prefix of veths tern has detached and is deleting in the background.
+pub const TRASH_PREFIX: &str = "tx";
+
 /// veth links in `ns` whose name starts with `prefix` ("" for all).
+///
+/// tern's DEL hands the kernel's slow veth unregister to a background reaper
+/// after renaming the pair to `tx*`; this first waits (up to 5 s) for those to
+/// be gone, so a reaper that fails shows up as a leak here.
 pub fn veth_links(ns: &Netns, prefix: &str) -> Vec<String> {
+    let trash = || {
+        ip_json(ns, &["link", "show", "type", "veth"])
+            .iter()
+            .any(|l| l["ifname"].as_str().is_some_and(|n| n.starts_with(TRASH_PREFIX)))
+    };
+    crate::wait_until(std::time::Duration::from_secs(5), || !trash());
     ip_json(ns, &["link", "show", "type", "veth"])
         .iter()
         .filter_map(|l| l["ifname"].as_str())

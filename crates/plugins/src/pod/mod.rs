@@ -6,6 +6,7 @@
 //! the kernel state alone, even after a crash.
 mod config;
 pub mod nft;
+pub mod reap;
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -40,7 +41,6 @@ fn sys(op: &str) -> impl Fn(SysError) -> CniError + '_ {
 /// Who this invocation is about.
 struct Target<'a> {
     network: &'a str,
-    container_id: &'a str,
     ifname: &'a str,
     host_veth: String,
     owner: String,
@@ -51,7 +51,6 @@ impl<'a> Target<'a> {
         let (network, container_id, ifname) = (req.conf.name.as_str(), req.env.container_id(), req.env.ifname());
         Target {
             network,
-            container_id,
             ifname,
             host_veth: names::host_veth(container_id, ifname),
             owner: names::owner_tag(network, container_id, ifname),
@@ -126,20 +125,8 @@ impl Plugin for PodPlugin {
         let target = Target::of(req);
         let mut errors: Vec<CniError> = Vec::new();
 
-        // The pod side first: deleting one end of a veth deletes both.
-        if let Some(path) = req.env.netns.as_deref() {
-            match NetNs::open(path) {
-                Ok(ns) => {
-                    if let Err(e) = Netlink::in_netns(&ns).and_then(|nl| nl.delete_link(target.ifname)) {
-                        errors.push(CniError::internal(format!("failed to delete {} in {path}: {e}", target.ifname)));
-                    }
-                }
-                Err(_) => {} // The netns is gone, and the veth with it.
-            }
-        }
-        match Netlink::new().and_then(|nl| nl.delete_link(&target.host_veth)) {
-            Ok(_) => {}
-            Err(e) => errors.push(CniError::internal(format!("failed to delete {}: {e}", target.host_veth))),
+        if let Err(e) = remove_veth(req, &target) {
+            errors.push(e);
         }
         if let Err(e) = delegate::ipam_del(req) {
             errors.push(e);
@@ -199,6 +186,24 @@ impl Plugin for PodPlugin {
     }
 }
 
+/// Remove the attachment's veth pair, if it is still there. The pod end is
+/// touched only when it is the peer of our host end: an `eth0` that tern did
+/// not make (a failed ADD's DEL) is left alone.
+fn remove_veth(req: &Request, target: &Target) -> Result<(), CniError> {
+    let host = Netlink::new().map_err(sys("netlink"))?;
+    let Some(hv) = host.link(&target.host_veth).map_err(sys("host veth"))? else { return Ok(()) };
+    // The netns may be gone (the veth went with it) or CNI_NETNS empty.
+    let pod_ns = req.env.netns.as_deref().and_then(|p| NetNs::open(p).ok());
+    let pod_nl = pod_ns.as_ref().and_then(|ns| Netlink::in_netns(ns).ok());
+    let pod_link = pod_nl
+        .as_ref()
+        .and_then(|nl| nl.link(target.ifname).ok().flatten())
+        .filter(|l| l.peer_index == Some(hv.index) || hv.peer_index == Some(l.index));
+    let pod = pod_nl.as_ref().zip(pod_link.as_ref());
+    reap::detach_and_delete(&host, &hv, pod)
+        .map_err(|e| CniError::internal(format!("failed to delete veth {}: {e}", target.host_veth)))
+}
+
 fn join_errors(mut errors: Vec<CniError>) -> Result<(), CniError> {
     match errors.len() {
         0 => Ok(()),
@@ -212,7 +217,8 @@ fn gc_links(stale: &dyn Fn(&str) -> bool) -> Result<(), CniError> {
     let nl = Netlink::new().map_err(sys("netlink"))?;
     for link in nl.links().map_err(sys("failed to list links"))? {
         let Some(tag) = link.alias.as_deref().and_then(|a| a.strip_prefix(ALIAS_PREFIX)) else { continue };
-        if link.name.starts_with(names::HOST_VETH_PREFIX) && stale(tag) {
+        let orphaned_trash = link.name.starts_with(reap::TRASH_PREFIX);
+        if orphaned_trash || (link.name.starts_with(names::HOST_VETH_PREFIX) && stale(tag)) {
             nl.delete_link_index(link.index).map_err(sys("failed to delete stale veth"))?;
         }
     }
