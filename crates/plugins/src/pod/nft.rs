@@ -62,6 +62,8 @@ pub fn masq_add_script(network: &str, owner: &str, addrs: &[IpNet]) -> String {
          add rule inet {t} postrouting ip saddr vmap @pods4\n\
          add rule inet {t} postrouting ip6 saddr vmap @pods6\n"
     );
+    // Comments are limited to 128 bytes; long network names are hashed.
+    let tag = crate::names::network_tag(network);
     for addr in addrs {
         let subnet = addr.trunc();
         let chain = masq_chain(network, &subnet);
@@ -73,7 +75,7 @@ pub fn masq_add_script(network: &str, owner: &str, addrs: &[IpNet]) -> String {
             s,
             "add chain inet {t} {chain}\n\
              flush chain inet {t} {chain}\n\
-             add rule inet {t} {chain} {fam} daddr {subnet} return comment \"{network}\"\n\
+             add rule inet {t} {chain} {fam} daddr {subnet} return comment \"{tag}\"\n\
              add rule inet {t} {chain} {fam} daddr {multicast} return\n\
              add rule inet {t} {chain} masquerade\n\
              add element inet {t} {map} {{ {} comment \"{owner}\" : jump {chain} }}\n",
