@@ -188,7 +188,9 @@ pub fn check(
                 p.address
             )));
         }
-        if p.address.prefix_len() != r.subnet.prefix_len() {
+        // A host prefix is how L3 (routed) plugins present the address.
+        let host_prefix = p.address.prefix_len() == p.address.max_prefix_len();
+        if p.address.prefix_len() != r.subnet.prefix_len() && !host_prefix {
             return Err(CniError::internal(format!(
                 "address {} in prevResult does not match subnet {}",
                 p.address, r.subnet

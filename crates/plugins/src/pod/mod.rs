@@ -86,6 +86,28 @@ fn requested_mac(req: &Request) -> Result<Option<Mac>, CniError> {
     }
 }
 
+/// An attachment that already exists (same container and ifname), or an
+/// interface of that name in the pod, is an error (spec: ADD must not reuse
+/// an existing interface).
+fn refuse_existing(target: &Target, pod_ns: &NetNs) -> Result<(), CniError> {
+    let host = Netlink::new().map_err(sys("netlink"))?;
+    if host.link(&target.host_veth).map_err(sys("host veth"))?.is_some() {
+        return Err(CniError::internal(format!(
+            "attachment {}/{} already exists (host veth {}): DEL it first",
+            target.network, target.ifname, target.host_veth
+        )));
+    }
+    let pod = Netlink::in_netns(pod_ns).map_err(sys("netlink in the pod netns"))?;
+    if pod.link(target.ifname).map_err(sys("pod interface"))?.is_some() {
+        return Err(CniError::internal(format!(
+            "interface {} already exists in {} (CNI_IFNAME)",
+            target.ifname,
+            pod_ns.path().display()
+        )));
+    }
+    Ok(())
+}
+
 /// What this ADD has made so far, so a failure undoes exactly that.
 #[derive(Default)]
 struct Made {
@@ -106,6 +128,10 @@ impl Plugin for PodPlugin {
         let mac = requested_mac(req)?;
         let target = Target::of(req);
         let pod_ns = open_netns(req.env.netns.as_deref().unwrap_or_default())?;
+
+        // Refuse a duplicate before IPAM runs, so a failed second ADD can
+        // never release the first attachment's addresses.
+        refuse_existing(&target, &pod_ns)?;
 
         let mut made = Made::default();
         fault::point("ipam");
@@ -285,6 +311,12 @@ fn setup(
         }
     }
     host.set_up(hv.index).map_err(sys("failed to bring the host veth up"))?;
+    if let Some(br) = &bridge {
+        // The bridge takes the lowest MAC of its ports: report it as it is now.
+        if let Some(now) = host.link_by_index(br.index).map_err(sys("bridge"))? {
+            result.interfaces[0].mac = now.mac.as_ref().map(format_mac).unwrap_or_default();
+        }
+    }
     result.interfaces.push(Interface {
         name: hv.name.clone(),
         mac: hv.mac.as_ref().map(format_mac).unwrap_or_default(),
