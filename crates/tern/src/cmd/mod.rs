@@ -1,6 +1,7 @@
 //! The command-line tool: one module per subcommand.
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod install;
 
 #[derive(Parser)]
@@ -16,12 +17,15 @@ enum Command {
     Install(install::Args),
     /// Print the plugin names and the CNI versions they support.
     Plugins,
+    /// Measure tern against reference plugins (`tern bench cni`), in throwaway namespaces.
+    Bench(bench::Args),
 }
 
 pub fn run() -> i32 {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Install(args) => install::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Plugins => {
             for name in tern_plugins::PLUGIN_NAMES {
                 let p = tern_plugins::plugin_by_name(name).expect("listed plugin exists");
