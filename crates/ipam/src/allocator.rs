@@ -12,11 +12,7 @@ use crate::store::{Locked, Reservation, Store};
 
 fn ip_config(ip: IpAddr, r: &Range) -> IpConfig {
     let address = IpNet::new(ip, r.subnet.prefix_len()).expect("prefix comes from a valid subnet");
-    IpConfig {
-        address,
-        gateway: Some(r.gateway),
-        interface: None,
-    }
+    IpConfig { address, gateway: Some(r.gateway), interface: None }
 }
 
 /// Allocate one address per range set for `id`+`ifname`.
@@ -35,10 +31,7 @@ pub fn allocate<S: Store + ?Sized>(
     let mut requested = cfg.requested.clone();
     let mut out: Vec<IpConfig> = Vec::with_capacity(cfg.range_sets.len());
     for (idx, set) in cfg.range_sets.iter().enumerate() {
-        let want = requested
-            .iter()
-            .position(|ip| set.contains(*ip))
-            .map(|i| requested.remove(i));
+        let want = requested.iter().position(|ip| set.contains(*ip)).map(|i| requested.remove(i));
         let got = {
             let mut locked = Locked::new(&mut *store)?;
             allocate_in_set(&mut *locked, set, idx, id, ifname, want)
@@ -54,10 +47,7 @@ pub fn allocate<S: Store + ?Sized>(
     if !requested.is_empty() {
         rollback(store, &out, id, ifname);
         let list: Vec<String> = requested.iter().map(IpAddr::to_string).collect();
-        return Err(CniError::internal(format!(
-            "failed to allocate all requested IPs: {}",
-            list.join(" ")
-        )));
+        return Err(CniError::internal(format!("failed to allocate all requested IPs: {}", list.join(" "))));
     }
     Ok(out)
 }
@@ -72,29 +62,19 @@ fn allocate_in_set<S: Store + ?Sized>(
     want: Option<IpAddr>,
 ) -> Result<IpConfig, CniError> {
     if let Some(ip) = want {
-        let r = set
-            .range_for(ip)
-            .expect("requested IP was matched to this set");
+        let r = set.range_for(ip).expect("requested IP was matched to this set");
         if ip == r.gateway {
-            return Err(CniError::internal(format!(
-                "requested ip {ip} is subnet's gateway"
-            )));
+            return Err(CniError::internal(format!("requested ip {ip} is subnet's gateway")));
         }
         if !store.reserve(id, ifname, ip, idx)? {
-            return Err(CniError::internal(format!(
-                "requested IP address {ip} is not available in range set {set}"
-            )));
+            return Err(CniError::internal(format!("requested IP address {ip} is not available in range set {set}")));
         }
         return Ok(ip_config(ip, r));
     }
 
     // The spec forbids two ADDs for one attachment; refuse rather than hand
     // out a second address from the same set.
-    if let Some(ip) = store
-        .get_by_id(id, ifname)?
-        .into_iter()
-        .find(|ip| set.contains(*ip))
-    {
+    if let Some(ip) = store.get_by_id(id, ifname)?.into_iter().find(|ip| set.contains(*ip)) {
         return Err(CniError::internal(format!(
             "{ip} has been allocated to {id}, duplicate allocation is not allowed"
         )));
@@ -107,9 +87,7 @@ fn allocate_in_set<S: Store + ?Sized>(
             return Ok(ip_config(ip, r));
         }
     }
-    Err(CniError::internal(format!(
-        "no IP addresses available in range set: {set}"
-    )))
+    Err(CniError::internal(format!("no IP addresses available in range set: {set}")))
 }
 
 /// Release what this ADD reserved. The reference releases everything held by
@@ -137,20 +115,12 @@ fn rollback<S: Store + ?Sized>(store: &mut S, done: &[IpConfig], id: &str, ifnam
 
 /// DEL: free everything `id`+`ifname` holds (legacy id-only if nothing
 /// matched). Missing reservations are not an error.
-pub fn release<S: Store + ?Sized>(
-    store: &mut S,
-    id: &str,
-    ifname: &str,
-) -> Result<Vec<IpAddr>, CniError> {
+pub fn release<S: Store + ?Sized>(store: &mut S, id: &str, ifname: &str) -> Result<Vec<IpAddr>, CniError> {
     Locked::new(store)?.release_by_id(id, ifname)
 }
 
 /// CHECK's lookup: the addresses `id`+`ifname` holds.
-pub fn find<S: Store + ?Sized>(
-    store: &mut S,
-    id: &str,
-    ifname: &str,
-) -> Result<Vec<IpAddr>, CniError> {
+pub fn find<S: Store + ?Sized>(store: &mut S, id: &str, ifname: &str) -> Result<Vec<IpAddr>, CniError> {
     Locked::new(store)?.get_by_id(id, ifname)
 }
 
@@ -166,9 +136,7 @@ pub fn check(
     ifname: &str,
 ) -> Result<(), CniError> {
     if reserved.is_empty() {
-        return Err(CniError::internal(format!(
-            "tern-ipam: Failed to find address added by container {id}"
-        )));
+        return Err(CniError::internal(format!("tern-ipam: Failed to find address added by container {id}")));
     }
     for ip in reserved {
         if !prev.ips.iter().any(|p| p.address.addr() == *ip) {
@@ -204,18 +172,11 @@ pub fn check(
 /// (empty) reservations still occupy their address until GC.
 pub fn status(cfg: &HostLocalConfig, reservations: &[Reservation]) -> Result<(), CniError> {
     for set in &cfg.range_sets {
-        let used = reservations
-            .iter()
-            .filter(|r| {
-                set.range_for(r.ip)
-                    .is_some_and(|range| range.gateway != r.ip)
-            })
-            .count() as u128;
+        let used =
+            reservations.iter().filter(|r| set.range_for(r.ip).is_some_and(|range| range.gateway != r.ip)).count()
+                as u128;
         if used >= set.capacity() {
-            return Err(CniError::new(
-                Code::NotAvailable,
-                format!("no IP addresses available in range set: {set}"),
-            ));
+            return Err(CniError::new(Code::NotAvailable, format!("no IP addresses available in range set: {set}")));
         }
     }
     Ok(())
@@ -232,9 +193,7 @@ pub fn gc_victims(reservations: &[Reservation], valid: &[Attachment]) -> Vec<IpA
                 return true;
             }
             let keep = match &r.ifname {
-                Some(ifname) => valid
-                    .iter()
-                    .any(|a| a.container_id == r.id && &a.ifname == ifname),
+                Some(ifname) => valid.iter().any(|a| a.container_id == r.id && &a.ifname == ifname),
                 None => valid.iter().any(|a| a.container_id == r.id),
             };
             !keep
@@ -269,8 +228,7 @@ mod tests {
     }
 
     fn cfg_args(ipam: &str, args: &str) -> HostLocalConfig {
-        let json =
-            format!(r#"{{"cniVersion":"1.0.0","name":"net","type":"tern-ipam","ipam":{ipam}}}"#);
+        let json = format!(r#"{{"cniVersion":"1.0.0","name":"net","type":"tern-ipam","ipam":{ipam}}}"#);
         let conf = NetConf::parse(json.as_bytes(), Command::Add, &Version::ALL).unwrap();
         HostLocalConfig::from_conf(&conf, &CniArgs::parse(args).unwrap()).unwrap()
     }
@@ -300,15 +258,15 @@ mod tests {
 
         let e = allocate(&mut s, &c, "ctr3", "eth0").unwrap_err();
         assert_eq!(e.code, 999);
-        assert_eq!(e.msg, "failed to allocate for range 1: no IP addresses available in range set: fd00:9::1-fd00:9::3");
+        assert_eq!(
+            e.msg,
+            "failed to allocate for range 1: no IP addresses available in range set: fd00:9::1-fd00:9::3"
+        );
         // The v4 address was rolled back, the pointer was not.
         assert!(!s.files.contains_key(&ip("10.9.0.4")));
         assert_eq!(s.last[&0], ip("10.9.0.4"));
 
-        assert_eq!(
-            release(&mut s, "ctr1", "eth0").unwrap(),
-            vec![ip("10.9.0.2"), ip("fd00:9::2")]
-        );
+        assert_eq!(release(&mut s, "ctr1", "eth0").unwrap(), vec![ip("10.9.0.2"), ip("fd00:9::2")]);
         let r4 = allocate(&mut s, &c, "ctr4", "eth0").unwrap();
         assert_eq!(addrs(&r4), ["10.9.0.5/29", "fd00:9::2/126"]);
     }
@@ -333,27 +291,12 @@ mod tests {
         for i in 0..5 {
             got.push(addrs(&allocate(&mut s, &c, &format!("c{i}"), "eth0").unwrap())[0].clone());
         }
-        assert_eq!(
-            got,
-            [
-                "10.0.0.2/29",
-                "10.0.0.3/29",
-                "10.0.0.4/29",
-                "10.0.0.5/29",
-                "10.0.0.6/29"
-            ]
-        );
+        assert_eq!(got, ["10.0.0.2/29", "10.0.0.3/29", "10.0.0.4/29", "10.0.0.5/29", "10.0.0.6/29"]);
         release(&mut s, "c1", "eth0").unwrap();
         release(&mut s, "c3", "eth0").unwrap();
         // After .6 the iterator wraps, skips the gateway .1 and the taken .2.
-        assert_eq!(
-            addrs(&allocate(&mut s, &c, "x", "eth0").unwrap()),
-            ["10.0.0.3/29"]
-        );
-        assert_eq!(
-            addrs(&allocate(&mut s, &c, "y", "eth0").unwrap()),
-            ["10.0.0.5/29"]
-        );
+        assert_eq!(addrs(&allocate(&mut s, &c, "x", "eth0").unwrap()), ["10.0.0.3/29"]);
+        assert_eq!(addrs(&allocate(&mut s, &c, "y", "eth0").unwrap()), ["10.0.0.5/29"]);
     }
 
     #[test]
@@ -367,20 +310,14 @@ mod tests {
             "failed to allocate for range 0: 10.0.0.2 has been allocated to ctr, duplicate allocation is not allowed"
         );
         // Another interface of the same container is a different attachment.
-        assert_eq!(
-            addrs(&allocate(&mut s, &c, "ctr", "net1").unwrap()),
-            ["10.0.0.3/24"]
-        );
+        assert_eq!(addrs(&allocate(&mut s, &c, "ctr", "net1").unwrap()), ["10.0.0.3/24"]);
     }
 
     #[test]
     fn requested_ips() {
         let c = cfg_args(DUAL, "IP=10.9.0.5");
         let mut s = MemStore::new();
-        assert_eq!(
-            addrs(&allocate(&mut s, &c, "a", "eth0").unwrap()),
-            ["10.9.0.5/29", "fd00:9::2/126"]
-        );
+        assert_eq!(addrs(&allocate(&mut s, &c, "a", "eth0").unwrap()), ["10.9.0.5/29", "fd00:9::2/126"]);
         let e = allocate(&mut s, &c, "b", "eth0").unwrap_err();
         assert_eq!(
             e.msg,
@@ -388,10 +325,7 @@ mod tests {
         );
         let c = cfg_args(DUAL, "IP=10.9.0.1");
         let e = allocate(&mut s, &c, "b", "eth0").unwrap_err();
-        assert_eq!(
-            e.msg,
-            "failed to allocate for range 0: requested ip 10.9.0.1 is subnet's gateway"
-        );
+        assert_eq!(e.msg, "failed to allocate for range 0: requested ip 10.9.0.1 is subnet's gateway");
         let c = cfg_args(DUAL, "IP=10.10.0.1");
         let e = allocate(&mut s, &c, "b", "eth0").unwrap_err();
         assert_eq!(e.msg, "failed to allocate all requested IPs: 10.10.0.1");
@@ -407,10 +341,7 @@ mod tests {
         // v4 requested (fresh) then v6 duplicate: only the fresh v4 goes.
         let c2 = cfg_args(DUAL, "IP=10.9.0.6");
         assert!(allocate(&mut s, &c2, "a", "eth0").is_err());
-        assert_eq!(
-            find(&mut s, "a", "eth0").unwrap(),
-            vec![ip("10.9.0.2"), ip("fd00:9::2")]
-        );
+        assert_eq!(find(&mut s, "a", "eth0").unwrap(), vec![ip("10.9.0.2"), ip("fd00:9::2")]);
     }
 
     #[test]
@@ -418,32 +349,19 @@ mod tests {
         let c = cfg(DUAL);
         let mut s = MemStore::new();
         let ips = allocate(&mut s, &c, "a", "eth0").unwrap();
-        let prev = CniResult {
-            ips: ips.clone(),
-            ..Default::default()
-        };
+        let prev = CniResult { ips: ips.clone(), ..Default::default() };
         let held = find(&mut s, "a", "eth0").unwrap();
         check(&c, &held, &prev, "a", "eth0").unwrap();
 
         let e = check(&c, &[], &prev, "zz", "eth0").unwrap_err();
-        assert_eq!(
-            e.msg,
-            "tern-ipam: Failed to find address added by container zz"
-        );
-        let partial = CniResult {
-            ips: ips[..1].to_vec(),
-            ..Default::default()
-        };
+        assert_eq!(e.msg, "tern-ipam: Failed to find address added by container zz");
+        let partial = CniResult { ips: ips[..1].to_vec(), ..Default::default() };
         let e = check(&c, &held, &partial, "a", "eth0").unwrap_err();
         assert!(e.msg.contains("fd00:9::2"), "{}", e.msg);
         let mut other = prev.clone();
         other.ips[0].address = "10.9.0.3/29".parse().unwrap();
         let e = check(&c, &held, &other, "a", "eth0").unwrap_err();
-        assert!(
-            e.msg.contains("10.9.0.2") || e.msg.contains("10.9.0.3"),
-            "{}",
-            e.msg
-        );
+        assert!(e.msg.contains("10.9.0.2") || e.msg.contains("10.9.0.3"), "{}", e.msg);
     }
 
     #[test]
@@ -456,13 +374,7 @@ mod tests {
         allocate(&mut s, &c, "a", "eth0").unwrap();
         s.lock().unwrap();
         let e = status(&c, &s.list().unwrap()).unwrap_err();
-        assert_eq!(
-            (e.code, e.msg.as_str()),
-            (
-                50,
-                "no IP addresses available in range set: 10.0.0.1-10.0.0.2"
-            )
-        );
+        assert_eq!((e.code, e.msg.as_str()), (50, "no IP addresses available in range set: 10.0.0.1-10.0.0.2"));
     }
 
     #[test]
@@ -474,19 +386,10 @@ mod tests {
         s.files.insert(ip("10.0.0.5"), "gone".into());
         s.files.insert(ip("10.0.0.6"), "".into());
         s.files.insert(ip("10.0.0.7"), "gone\r\neth0".into());
-        let valid = vec![Attachment {
-            container_id: "keep".into(),
-            ifname: "eth0".into(),
-        }];
+        let valid = vec![Attachment { container_id: "keep".into(), ifname: "eth0".into() }];
         let freed = gc(&mut s, &valid).unwrap();
-        assert_eq!(
-            freed,
-            ["10.0.0.3", "10.0.0.5", "10.0.0.6", "10.0.0.7"].map(ip)
-        );
-        assert_eq!(
-            s.files.keys().copied().collect::<Vec<_>>(),
-            ["10.0.0.2", "10.0.0.4"].map(ip)
-        );
+        assert_eq!(freed, ["10.0.0.3", "10.0.0.5", "10.0.0.6", "10.0.0.7"].map(ip));
+        assert_eq!(s.files.keys().copied().collect::<Vec<_>>(), ["10.0.0.2", "10.0.0.4"].map(ip));
         assert_eq!(gc(&mut s, &[]).unwrap().len(), 2);
         assert!(s.files.is_empty());
     }
@@ -498,9 +401,6 @@ mod tests {
         assert!(release(&mut s, "ctr", "eth0").unwrap().is_empty());
         // And it still occupies its address.
         let c = cfg(r#"{"subnet":"10.0.0.0/24"}"#);
-        assert_eq!(
-            addrs(&allocate(&mut s, &c, "ctr", "eth0").unwrap()),
-            ["10.0.0.3/24"]
-        );
+        assert_eq!(addrs(&allocate(&mut s, &c, "ctr", "eth0").unwrap()), ["10.0.0.3/24"]);
     }
 }

@@ -65,11 +65,7 @@ impl HostLocalConfig {
         let mut sources: Vec<(String, Vec<RangeConf>)> = Vec::new();
         if let Some(v) = &conf.runtime_config.ip_ranges {
             let rt: Vec<Vec<RangeConf>> = decode_value(v, "runtimeConfig.ipRanges")?;
-            sources.extend(
-                rt.into_iter()
-                    .enumerate()
-                    .map(|(i, s)| (format!("runtimeConfig.ipRanges[{i}]"), s)),
-            );
+            sources.extend(rt.into_iter().enumerate().map(|(i, s)| (format!("runtimeConfig.ipRanges[{i}]"), s)));
         }
         if raw.subnet.as_deref().is_some_and(|s| !s.is_empty()) {
             let legacy = RangeConf {
@@ -84,9 +80,7 @@ impl HostLocalConfig {
             sources.push((format!("ipam.ranges[{i}]"), s));
         }
         if sources.is_empty() {
-            return Err(CniError::invalid_config(
-                "no IP ranges specified (ipam.ranges)",
-            ));
+            return Err(CniError::invalid_config("no IP ranges specified (ipam.ranges)"));
         }
 
         let mut range_sets = Vec::with_capacity(sources.len());
@@ -145,9 +139,7 @@ impl HostLocalConfig {
             data_dir: Option<String>,
         }
         let d: DirOnly = conf.ipam_options()?;
-        Ok(d.data_dir
-            .filter(|d| !d.is_empty())
-            .unwrap_or_else(|| DEFAULT_DATA_DIR.to_string()))
+        Ok(d.data_dir.filter(|d| !d.is_empty()).unwrap_or_else(|| DEFAULT_DATA_DIR.to_string()))
     }
 }
 
@@ -161,22 +153,14 @@ fn requested_ips(conf: &NetConf, args: &CniArgs) -> Result<Vec<IpAddr>, CniError
         }
     };
     if let Some(v) = args.get("IP").filter(|v| !v.is_empty()) {
-        let (ip, _) = parse_ip_maybe_cidr(v.trim()).ok_or_else(|| {
-            CniError::new(
-                Code::InvalidEnv,
-                format!("cannot understand ip {v:?} (CNI_ARGS IP)"),
-            )
-        })?;
+        let (ip, _) = parse_ip_maybe_cidr(v.trim())
+            .ok_or_else(|| CniError::new(Code::InvalidEnv, format!("cannot understand ip {v:?} (CNI_ARGS IP)")))?;
         push(ip);
     }
-    for (field, list) in [
-        ("args.cni.ips", conf.args_ips()?),
-        ("runtimeConfig.ips", conf.runtime_config.ips.clone()),
-    ] {
+    for (field, list) in [("args.cni.ips", conf.args_ips()?), ("runtimeConfig.ips", conf.runtime_config.ips.clone())] {
         for (i, s) in list.iter().enumerate() {
-            let (ip, _) = parse_ip_maybe_cidr(s.trim()).ok_or_else(|| {
-                CniError::invalid_config(format!("cannot understand ip {s:?} ({field}[{i}])"))
-            })?;
+            let (ip, _) = parse_ip_maybe_cidr(s.trim())
+                .ok_or_else(|| CniError::invalid_config(format!("cannot understand ip {s:?} ({field}[{i}])")))?;
             push(ip);
         }
     }
@@ -204,11 +188,7 @@ mod tests {
                 "ipam":{"subnet":"10.1.0.0/24","ranges":[[{"subnet":"10.2.0.0/24"}]],"dataDir":"/tmp/x"}}"#,
         )
         .unwrap();
-        let firsts: Vec<String> = c
-            .range_sets
-            .iter()
-            .map(|s| s.ranges[0].subnet.to_string())
-            .collect();
+        let firsts: Vec<String> = c.range_sets.iter().map(|s| s.ranges[0].subnet.to_string()).collect();
         assert_eq!(firsts, ["10.3.0.0/24", "10.1.0.0/24", "10.2.0.0/24"]);
         assert_eq!(c.data_dir(), "/tmp/x");
     }
@@ -228,9 +208,7 @@ mod tests {
             e.msg,
             "invalid range set 0: Network 10.6.0.0/31 too small to allocate from (ipam.ranges[0][0].subnet)"
         );
-        let e =
-            load(r#"{"cniVersion":"1.0.0","name":"n","type":"t","ipam":{"subnet":"10.6.0.0/31"}}"#)
-                .unwrap_err();
+        let e = load(r#"{"cniVersion":"1.0.0","name":"n","type":"t","ipam":{"subnet":"10.6.0.0/31"}}"#).unwrap_err();
         assert!(e.msg.ends_with("(ipam.subnet)"), "{}", e.msg);
 
         let e = load(r#"{"cniVersion":"1.0.0","name":"n","type":"t","ipam":{}}"#).unwrap_err();
@@ -242,28 +220,16 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.msg, "range set 0 overlaps with 1 (ipam.ranges[1])");
 
-        let e = load(
-            r#"{"cniVersion":"1.0.0","name":"n","type":"t","ipam":{"ranges":[[{"subnet":7}]]}}"#,
-        )
-        .unwrap_err();
+        let e = load(r#"{"cniVersion":"1.0.0","name":"n","type":"t","ipam":{"ranges":[[{"subnet":7}]]}}"#).unwrap_err();
         assert!(e.msg.contains("ipam.ranges[0][0].subnet"), "{}", e.msg);
     }
 
     #[test]
     fn one_per_family_before_0_3_0() {
         let two_v4 = r#""ipam":{"ranges":[[{"subnet":"10.0.0.0/24"}],[{"subnet":"10.1.0.0/24"}]]}"#;
-        let e = load(&format!(
-            r#"{{"cniVersion":"0.2.0","name":"n","type":"t",{two_v4}}}"#
-        ))
-        .unwrap_err();
-        assert_eq!(
-            e.msg,
-            "CNI version 0.2.0 does not support more than 1 address per family (cniVersion)"
-        );
-        assert!(load(&format!(
-            r#"{{"cniVersion":"0.3.0","name":"n","type":"t",{two_v4}}}"#
-        ))
-        .is_ok());
+        let e = load(&format!(r#"{{"cniVersion":"0.2.0","name":"n","type":"t",{two_v4}}}"#)).unwrap_err();
+        assert_eq!(e.msg, "CNI version 0.2.0 does not support more than 1 address per family (cniVersion)");
+        assert!(load(&format!(r#"{{"cniVersion":"0.3.0","name":"n","type":"t",{two_v4}}}"#)).is_ok());
     }
 
     #[test]
@@ -274,10 +240,7 @@ mod tests {
         );
         let args = CniArgs::parse("IP=10.0.0.6/24").unwrap();
         let h = HostLocalConfig::from_conf(&c, &args).unwrap();
-        let want: Vec<IpAddr> = ["10.0.0.6", "10.0.0.7", "10.0.0.8"]
-            .iter()
-            .map(|s| s.parse().unwrap())
-            .collect();
+        let want: Vec<IpAddr> = ["10.0.0.6", "10.0.0.7", "10.0.0.8"].iter().map(|s| s.parse().unwrap()).collect();
         assert_eq!(h.requested, want);
         let bad = CniArgs::parse("IP=nope").unwrap();
         assert_eq!(HostLocalConfig::from_conf(&c, &bad).unwrap_err().code, 4);
@@ -285,9 +248,7 @@ mod tests {
 
     #[test]
     fn data_dir_without_validation() {
-        let c = conf(
-            r#"{"cniVersion":"1.0.0","name":"n","type":"t","ipam":{"subnet":"bogus","dataDir":"/d"}}"#,
-        );
+        let c = conf(r#"{"cniVersion":"1.0.0","name":"n","type":"t","ipam":{"subnet":"bogus","dataDir":"/d"}}"#);
         assert_eq!(HostLocalConfig::data_dir_of(&c).unwrap(), "/d");
         let c = conf(r#"{"cniVersion":"1.0.0","name":"n","type":"t","ipam":{}}"#);
         assert_eq!(HostLocalConfig::data_dir_of(&c).unwrap(), DEFAULT_DATA_DIR);

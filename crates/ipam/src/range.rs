@@ -32,10 +32,7 @@ pub struct RangeError {
 }
 
 fn err(field: &'static str, msg: impl Into<String>) -> RangeError {
-    RangeError {
-        field,
-        msg: msg.into(),
-    }
+    RangeError { field, msg: msg.into() }
 }
 
 /// A validated range: every address from `start` to `end` (inclusive) may be
@@ -74,10 +71,7 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
 }
 
 fn parse_ip(field: &'static str, s: &str) -> Result<IpAddr, RangeError> {
-    s.trim()
-        .parse::<IpAddr>()
-        .map(canonical)
-        .map_err(|_| err(field, format!("invalid IP address: {s}")))
+    s.trim().parse::<IpAddr>().map(canonical).map_err(|_| err(field, format!("invalid IP address: {s}")))
 }
 
 fn set(s: &Option<String>) -> Option<&str> {
@@ -90,16 +84,11 @@ impl RangeConf {
         let Some(subnet_s) = set(&self.subnet) else {
             return Err(err("subnet", "missing subnet"));
         };
-        let subnet: IpNet = subnet_s
-            .trim()
-            .parse()
-            .map_err(|_| err("subnet", format!("invalid CIDR address: {subnet_s}")))?;
+        let subnet: IpNet =
+            subnet_s.trim().parse().map_err(|_| err("subnet", format!("invalid CIDR address: {subnet_s}")))?;
         // /31, /32, /127 and /128 leave nothing once network and gateway are taken.
         if subnet.prefix_len() > subnet.max_prefix_len() - 2 {
-            return Err(err(
-                "subnet",
-                format!("Network {subnet} too small to allocate from"),
-            ));
+            return Err(err("subnet", format!("Network {subnet} too small to allocate from")));
         }
         if subnet.addr() != subnet.network() {
             return Err(err(
@@ -119,10 +108,7 @@ impl RangeConf {
             Some(s) => {
                 let gw = parse_ip("gateway", s)?;
                 if !subnet.contains(&gw) {
-                    return Err(err(
-                        "gateway",
-                        format!("gateway {gw} not in network {subnet}"),
-                    ));
+                    return Err(err("gateway", format!("gateway {gw} not in network {subnet}")));
                 }
                 gw
             }
@@ -130,10 +116,7 @@ impl RangeConf {
 
         let in_subnet = |field: &'static str, ip: IpAddr| -> Result<IpAddr, RangeError> {
             if !same_family(ip, network) {
-                return Err(err(
-                    field,
-                    format!("IP {ip} is not the same protocol as subnet {subnet}"),
-                ));
+                return Err(err(field, format!("IP {ip} is not the same protocol as subnet {subnet}")));
             }
             if !subnet.contains(&ip) {
                 return Err(err(field, format!("{ip} not in network {subnet}")));
@@ -152,20 +135,12 @@ impl RangeConf {
             Some(s) => {
                 let end = in_subnet("rangeEnd", parse_ip("rangeEnd", s)?)?;
                 if to_u128(end) < to_u128(start) {
-                    return Err(err(
-                        "rangeEnd",
-                        format!("{end} is in network {subnet} but before start {start}"),
-                    ));
+                    return Err(err("rangeEnd", format!("{end} is in network {subnet} but before start {start}")));
                 }
                 end
             }
         };
-        Ok(Range {
-            subnet,
-            start,
-            end,
-            gateway,
-        })
+        Ok(Range { subnet, start, end, gateway })
     }
 }
 
@@ -181,8 +156,7 @@ fn last_ip(subnet: &IpNet) -> IpAddr {
 impl Range {
     /// Inside `start..=end` (the reference's `Range.Contains`).
     pub fn contains(&self, ip: IpAddr) -> bool {
-        same_family(ip, self.start)
-            && (to_u128(self.start)..=to_u128(self.end)).contains(&to_u128(ip))
+        same_family(ip, self.start) && (to_u128(self.start)..=to_u128(self.end)).contains(&to_u128(ip))
     }
 
     fn overlaps(&self, other: &Range) -> bool {
@@ -227,26 +201,14 @@ impl RangeSet {
     /// range valid, one family, no overlaps.
     pub fn from_conf(confs: &[RangeConf]) -> Result<RangeSet, RangeSetError> {
         if confs.is_empty() {
-            return Err(RangeSetError {
-                range: None,
-                field: None,
-                msg: "empty range set".into(),
-            });
+            return Err(RangeSetError { range: None, field: None, msg: "empty range set".into() });
         }
         let mut ranges: Vec<Range> = Vec::with_capacity(confs.len());
         for (i, c) in confs.iter().enumerate() {
-            let r = c.canonicalize().map_err(|e| RangeSetError {
-                range: Some(i),
-                field: Some(e.field),
-                msg: e.msg,
-            })?;
+            let r = c.canonicalize().map_err(|e| RangeSetError { range: Some(i), field: Some(e.field), msg: e.msg })?;
             if let Some(r0) = ranges.first() {
                 if !same_family(r0.start, r.start) {
-                    return Err(RangeSetError {
-                        range: Some(i),
-                        field: None,
-                        msg: "mixed address families".into(),
-                    });
+                    return Err(RangeSetError { range: Some(i), field: None, msg: "mixed address families".into() });
                 }
             }
             if let Some(prev) = ranges.iter().find(|p| p.overlaps(&r)) {
@@ -274,16 +236,12 @@ impl RangeSet {
     }
 
     pub fn overlaps(&self, other: &RangeSet) -> bool {
-        self.ranges
-            .iter()
-            .any(|a| other.ranges.iter().any(|b| a.overlaps(b)))
+        self.ranges.iter().any(|a| other.ranges.iter().any(|b| a.overlaps(b)))
     }
 
     /// Total addresses that can be handed out, saturating.
     pub fn capacity(&self) -> u128 {
-        self.ranges
-            .iter()
-            .fold(0u128, |acc, r| acc.saturating_add(r.capacity()))
+        self.ranges.iter().fold(0u128, |acc, r| acc.saturating_add(r.capacity()))
     }
 
     /// Round-robin candidates: after `last_reserved` if it lies in the set,
@@ -291,16 +249,8 @@ impl RangeSet {
     /// and stops when back where it began.
     pub fn iter_from(&self, last_reserved: Option<IpAddr>) -> RangeIter<'_> {
         let last = last_reserved.map(canonical).filter(|ip| self.contains(*ip));
-        let idx = last
-            .and_then(|ip| self.ranges.iter().position(|r| r.contains(ip)))
-            .unwrap_or(0);
-        RangeIter {
-            set: self,
-            idx,
-            cur: last,
-            start: None,
-            done: false,
-        }
+        let idx = last.and_then(|ip| self.ranges.iter().position(|r| r.contains(ip))).unwrap_or(0);
+        RangeIter { set: self, idx, cur: last, start: None, done: false }
     }
 }
 
@@ -371,10 +321,7 @@ mod tests {
     use super::*;
 
     fn rc(subnet: &str) -> RangeConf {
-        RangeConf {
-            subnet: Some(subnet.into()),
-            ..Default::default()
-        }
+        RangeConf { subnet: Some(subnet.into()), ..Default::default() }
     }
 
     fn ip(s: &str) -> IpAddr {
@@ -384,10 +331,7 @@ mod tests {
     #[test]
     fn defaults_v4_and_v6() {
         let r = rc("10.9.0.0/29").canonicalize().unwrap();
-        assert_eq!(
-            (r.start, r.end, r.gateway),
-            (ip("10.9.0.1"), ip("10.9.0.6"), ip("10.9.0.1"))
-        );
+        assert_eq!((r.start, r.end, r.gateway), (ip("10.9.0.1"), ip("10.9.0.6"), ip("10.9.0.1")));
         assert_eq!(r.to_string(), "10.9.0.1-10.9.0.6");
         assert_eq!(r.capacity(), 5);
         let r = rc("fd00:9::/126").canonicalize().unwrap();
@@ -417,10 +361,7 @@ mod tests {
         let e = c.canonicalize().unwrap_err();
         assert_eq!(
             (e.field, e.msg.as_str()),
-            (
-                "rangeEnd",
-                "10.0.0.40 is in network 10.0.0.0/24 but before start 10.0.0.50"
-            )
+            ("rangeEnd", "10.0.0.40 is in network 10.0.0.0/24 but before start 10.0.0.50")
         );
         c.range_end = Some("fd00::1".into());
         assert!(c.canonicalize().unwrap_err().msg.contains("same protocol"));
@@ -435,10 +376,7 @@ mod tests {
     fn set_rules() {
         assert_eq!(RangeSet::from_conf(&[]).unwrap_err().msg, "empty range set");
         let e = RangeSet::from_conf(&[rc("10.0.0.0/24"), rc("fd00::/64")]).unwrap_err();
-        assert_eq!(
-            (e.range, e.msg.as_str()),
-            (Some(1), "mixed address families")
-        );
+        assert_eq!((e.range, e.msg.as_str()), (Some(1), "mixed address families"));
         let e = RangeSet::from_conf(&[rc("10.0.0.0/24"), rc("10.0.0.0/25")]).unwrap_err();
         assert!(e.msg.contains("overlap"), "{}", e.msg);
         // Disjoint ranges inside one subnet are fine.
@@ -461,23 +399,11 @@ mod tests {
     fn iterator_wraps_and_skips_gateway() {
         let s = RangeSet::from_conf(&[rc("10.9.0.0/29")]).unwrap();
         let all: Vec<IpAddr> = s.iter_from(None).map(|(ip, _)| ip).collect();
-        assert_eq!(
-            all,
-            ["10.9.0.2", "10.9.0.3", "10.9.0.4", "10.9.0.5", "10.9.0.6"].map(ip)
-        );
-        let from4: Vec<IpAddr> = s
-            .iter_from(Some(ip("10.9.0.4")))
-            .map(|(ip, _)| ip)
-            .collect();
-        assert_eq!(
-            from4,
-            ["10.9.0.5", "10.9.0.6", "10.9.0.2", "10.9.0.3", "10.9.0.4"].map(ip)
-        );
+        assert_eq!(all, ["10.9.0.2", "10.9.0.3", "10.9.0.4", "10.9.0.5", "10.9.0.6"].map(ip));
+        let from4: Vec<IpAddr> = s.iter_from(Some(ip("10.9.0.4"))).map(|(ip, _)| ip).collect();
+        assert_eq!(from4, ["10.9.0.5", "10.9.0.6", "10.9.0.2", "10.9.0.3", "10.9.0.4"].map(ip));
         // A pointer outside the set is ignored.
-        assert_eq!(
-            s.iter_from(Some(ip("10.8.0.4"))).next().unwrap().0,
-            ip("10.9.0.2")
-        );
+        assert_eq!(s.iter_from(Some(ip("10.8.0.4"))).next().unwrap().0, ip("10.9.0.2"));
     }
 
     #[test]
@@ -487,27 +413,18 @@ mod tests {
             range_end: Some("10.0.0.11".into()),
             ..rc("10.0.0.0/24")
         };
-        let b = RangeConf {
-            range_start: Some("10.0.1.1".into()),
-            range_end: Some("10.0.1.2".into()),
-            ..rc("10.0.1.0/24")
-        };
+        let b =
+            RangeConf { range_start: Some("10.0.1.1".into()), range_end: Some("10.0.1.2".into()), ..rc("10.0.1.0/24") };
         let s = RangeSet::from_conf(&[a, b]).unwrap();
-        let all: Vec<IpAddr> = s
-            .iter_from(Some(ip("10.0.0.11")))
-            .map(|(ip, _)| ip)
-            .collect();
+        let all: Vec<IpAddr> = s.iter_from(Some(ip("10.0.0.11"))).map(|(ip, _)| ip).collect();
         // 10.0.1.1 is the second range's gateway.
         assert_eq!(all, ["10.0.1.2", "10.0.0.10", "10.0.0.11"].map(ip));
     }
 
     #[test]
     fn iterator_with_nothing_but_gateway() {
-        let c = RangeConf {
-            range_start: Some("10.0.0.1".into()),
-            range_end: Some("10.0.0.1".into()),
-            ..rc("10.0.0.0/24")
-        };
+        let c =
+            RangeConf { range_start: Some("10.0.0.1".into()), range_end: Some("10.0.0.1".into()), ..rc("10.0.0.0/24") };
         let s = RangeSet::from_conf(&[c]).unwrap();
         assert_eq!(s.iter_from(None).count(), 0);
         assert_eq!(s.iter_from(Some(ip("10.0.0.1"))).count(), 0);

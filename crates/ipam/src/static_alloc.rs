@@ -37,11 +37,7 @@ fn cidr(s: &str, err: impl FnOnce() -> CniError) -> Result<IpNet, CniError> {
 }
 
 fn addr(address: IpNet) -> IpConfig {
-    IpConfig {
-        address,
-        gateway: None,
-        interface: None,
-    }
+    IpConfig { address, gateway: None, interface: None }
 }
 
 impl StaticConfig {
@@ -61,9 +57,7 @@ impl StaticConfig {
             })?);
             if let Some(gw) = a.gateway.as_deref().filter(|g| !g.is_empty()) {
                 ipc.gateway = Some(gw.trim().parse().map_err(|_| {
-                    CniError::invalid_config(format!(
-                        "invalid gateway address: {gw} (ipam.addresses[{i}].gateway)"
-                    ))
+                    CniError::invalid_config(format!("invalid gateway address: {gw} (ipam.addresses[{i}].gateway)"))
                 })?);
             }
             addresses.push(ipc);
@@ -74,7 +68,10 @@ impl StaticConfig {
                 addresses.push(addr(cidr(item, || {
                     CniError::new(
                         Code::InvalidEnv,
-                        format!("the 'ip' field is expected to be in CIDR notation, got: '{}' (CNI_ARGS IP)", item.trim()),
+                        format!(
+                            "the 'ip' field is expected to be in CIDR notation, got: '{}' (CNI_ARGS IP)",
+                            item.trim()
+                        ),
                     )
                 })?));
             }
@@ -82,10 +79,7 @@ impl StaticConfig {
         if let Some(gws) = args.get("GATEWAY").filter(|v| !v.is_empty()) {
             for item in gws.split(',') {
                 let gw: IpAddr = item.trim().parse().map_err(|_| {
-                    CniError::new(
-                        Code::InvalidEnv,
-                        format!("invalid gateway address: {item} (CNI_ARGS GATEWAY)"),
-                    )
+                    CniError::new(Code::InvalidEnv, format!("invalid gateway address: {item} (CNI_ARGS GATEWAY)"))
                 })?;
                 for a in addresses.iter_mut().filter(|a| a.address.contains(&gw)) {
                     a.gateway = Some(gw);
@@ -93,10 +87,9 @@ impl StaticConfig {
             }
         }
 
-        for (field, list) in [
-            ("args.cni.ips", conf.args_ips()?),
-            ("runtimeConfig.ips", conf.runtime_config.ips.clone()),
-        ] {
+        for (field, list) in
+            [("args.cni.ips", conf.args_ips()?), ("runtimeConfig.ips", conf.runtime_config.ips.clone())]
+        {
             if list.is_empty() {
                 continue;
             }
@@ -114,10 +107,7 @@ impl StaticConfig {
                 .collect::<Result<_, _>>()?;
         }
 
-        let v4 = addresses
-            .iter()
-            .filter(|a| a.address.addr().is_ipv4())
-            .count();
+        let v4 = addresses.iter().filter(|a| a.address.addr().is_ipv4()).count();
         if conf.cni_version.is_legacy_result() && (v4 > 1 || addresses.len() - v4 > 1) {
             return Err(CniError::invalid_config(format!(
                 "CNI version {} does not support more than 1 address per family (cniVersion)",
@@ -125,11 +115,7 @@ impl StaticConfig {
             )));
         }
 
-        Ok(StaticConfig {
-            addresses,
-            routes: raw.routes.unwrap_or_default(),
-            dns: raw.dns.unwrap_or_default(),
-        })
+        Ok(StaticConfig { addresses, routes: raw.routes.unwrap_or_default(), dns: raw.dns.unwrap_or_default() })
     }
 
     /// The ADD result (abbreviated: no interfaces).
@@ -146,26 +132,15 @@ impl StaticConfig {
     /// when configured, the same gateway.
     pub fn check(&self, prev: &CniResult) -> Result<(), CniError> {
         for want in &self.addresses {
-            let Some(got) = prev
-                .ips
-                .iter()
-                .find(|p| p.address.addr() == want.address.addr())
-            else {
-                return Err(CniError::internal(format!(
-                    "static: address {} missing from prevResult",
-                    want.address
-                )));
+            let Some(got) = prev.ips.iter().find(|p| p.address.addr() == want.address.addr()) else {
+                return Err(CniError::internal(format!("static: address {} missing from prevResult", want.address)));
             };
-            if got.address != want.address
-                || (want.gateway.is_some() && got.gateway != want.gateway)
-            {
+            if got.address != want.address || (want.gateway.is_some() && got.gateway != want.gateway) {
                 return Err(CniError::internal(format!(
                     "static: Failed to match addr {} (prevResult has {}{})",
                     want.address,
                     got.address,
-                    got.gateway
-                        .map(|g| format!(" gateway {g}"))
-                        .unwrap_or_default()
+                    got.gateway.map(|g| format!(" gateway {g}")).unwrap_or_default()
                 )));
             }
         }
@@ -223,26 +198,11 @@ mod tests {
 
     #[test]
     fn cidr_required() {
-        let e = load(
-            &format!(r#"{{{BASE},"ipam":{{"addresses":[{{"address":"10.0.0.5"}}]}}}}"#),
-            "",
-        )
-        .unwrap_err();
+        let e = load(&format!(r#"{{{BASE},"ipam":{{"addresses":[{{"address":"10.0.0.5"}}]}}}}"#), "").unwrap_err();
         assert_eq!(e.code, 7);
-        assert!(
-            e.msg.contains("expected to be in CIDR notation")
-                && e.msg.contains("ipam.addresses[0].address")
-        );
-        let e = load(
-            &format!(r#"{{{BASE},"runtimeConfig":{{"ips":["10.0.0.5"]}},"ipam":{{}}}}"#),
-            "",
-        )
-        .unwrap_err();
-        assert!(
-            e.msg.contains("NOT in CIDR notation") && e.msg.contains("runtimeConfig.ips[0]"),
-            "{}",
-            e.msg
-        );
+        assert!(e.msg.contains("expected to be in CIDR notation") && e.msg.contains("ipam.addresses[0].address"));
+        let e = load(&format!(r#"{{{BASE},"runtimeConfig":{{"ips":["10.0.0.5"]}},"ipam":{{}}}}"#), "").unwrap_err();
+        assert!(e.msg.contains("NOT in CIDR notation") && e.msg.contains("runtimeConfig.ips[0]"), "{}", e.msg);
         let e = load(&format!(r#"{{{BASE},"ipam":{{}}}}"#), "IP=10.0.0.1").unwrap_err();
         assert_eq!(e.code, 4);
     }
@@ -250,10 +210,7 @@ mod tests {
     #[test]
     fn one_per_family_before_0_3_0() {
         let j = r#"{"cniVersion":"0.2.0","name":"n","type":"t","ipam":{"addresses":[{"address":"10.0.0.5/24"},{"address":"10.1.0.5/24"}]}}"#;
-        assert!(load(j, "")
-            .unwrap_err()
-            .msg
-            .contains("does not support more than 1 address per family"));
+        assert!(load(j, "").unwrap_err().msg.contains("does not support more than 1 address per family"));
         let j = r#"{"cniVersion":"0.2.0","name":"n","type":"t","ipam":{"addresses":[{"address":"10.0.0.5/24"},{"address":"fd00::5/64"}]}}"#;
         assert!(load(j, "").is_ok());
     }

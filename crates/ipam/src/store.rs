@@ -43,16 +43,8 @@ impl Reservation {
     pub fn parse(ip: IpAddr, content: &str) -> Reservation {
         let content = content.trim();
         match content.split_once(LINE_BREAK) {
-            Some((id, ifname)) => Reservation {
-                ip,
-                id: id.to_string(),
-                ifname: Some(ifname.to_string()),
-            },
-            None => Reservation {
-                ip,
-                id: content.to_string(),
-                ifname: None,
-            },
+            Some((id, ifname)) => Reservation { ip, id: id.to_string(), ifname: Some(ifname.to_string()) },
+            None => Reservation { ip, id: content.to_string(), ifname: None },
         }
     }
 
@@ -69,13 +61,7 @@ pub trait Store {
     fn unlock(&mut self) -> Result<(), CniError>;
     /// Reserve `ip` for `id`+`ifname` and remember it as set
     /// `range_set`'s last reservation. `Ok(false)` when already taken.
-    fn reserve(
-        &mut self,
-        id: &str,
-        ifname: &str,
-        ip: IpAddr,
-        range_set: usize,
-    ) -> Result<bool, CniError>;
+    fn reserve(&mut self, id: &str, ifname: &str, ip: IpAddr, range_set: usize) -> Result<bool, CniError>;
     /// The round-robin pointer of `range_set`, if any and readable.
     fn last_reserved(&mut self, range_set: usize) -> Result<Option<IpAddr>, CniError>;
     /// Release everything held by `id`+`ifname`; if nothing matched, whatever
@@ -141,12 +127,7 @@ impl MemStore {
     }
 
     fn release_matching(&mut self, matches: impl Fn(&str) -> bool) -> Vec<IpAddr> {
-        let ips: Vec<IpAddr> = self
-            .files
-            .iter()
-            .filter(|(_, c)| matches(c))
-            .map(|(ip, _)| *ip)
-            .collect();
+        let ips: Vec<IpAddr> = self.files.iter().filter(|(_, c)| matches(c)).map(|(ip, _)| *ip).collect();
         for ip in &ips {
             self.files.remove(ip);
         }
@@ -164,13 +145,7 @@ impl Store for MemStore {
         self.locked = false;
         Ok(())
     }
-    fn reserve(
-        &mut self,
-        id: &str,
-        ifname: &str,
-        ip: IpAddr,
-        range_set: usize,
-    ) -> Result<bool, CniError> {
+    fn reserve(&mut self, id: &str, ifname: &str, ip: IpAddr, range_set: usize) -> Result<bool, CniError> {
         self.assert_locked();
         if self.files.contains_key(&ip) {
             return Ok(false);
@@ -206,11 +181,7 @@ impl Store for MemStore {
     }
     fn list(&mut self) -> Result<Vec<Reservation>, CniError> {
         self.assert_locked();
-        Ok(self
-            .files
-            .iter()
-            .map(|(ip, c)| Reservation::parse(*ip, c))
-            .collect())
+        Ok(self.files.iter().map(|(ip, c)| Reservation::parse(*ip, c)).collect())
     }
 }
 
@@ -225,10 +196,7 @@ mod tests {
         assert!(!owned_by("ctr1\r\neth1", "ctr1", "eth0"));
         assert!(owned_by_legacy("ctr1\n", "ctr1"));
         let ip: IpAddr = "10.0.0.2".parse().unwrap();
-        assert_eq!(
-            Reservation::parse(ip, "a\r\neth0").ifname.as_deref(),
-            Some("eth0")
-        );
+        assert_eq!(Reservation::parse(ip, "a\r\neth0").ifname.as_deref(), Some("eth0"));
         assert_eq!(Reservation::parse(ip, "a").ifname, None);
         assert!(Reservation::parse(ip, "").is_orphan());
     }

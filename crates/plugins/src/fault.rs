@@ -7,8 +7,19 @@ use std::sync::OnceLock;
 static KILL_AT: OnceLock<Option<String>> = OnceLock::new();
 
 /// Every step name ADD passes, in order (tests iterate over these).
-pub const ADD_STEPS: &[&str] =
-    &["ipam", "bridge", "veth", "host-link", "pod-link", "pod-addr", "pod-routes", "host-routes", "masq", "spoof", "result"];
+pub const ADD_STEPS: &[&str] = &[
+    "ipam",
+    "bridge",
+    "veth",
+    "host-link",
+    "pod-link",
+    "pod-addr",
+    "pod-routes",
+    "host-routes",
+    "masq",
+    "spoof",
+    "result",
+];
 
 pub fn point(step: &str) {
     let target = KILL_AT.get_or_init(|| std::env::var("TERN_TEST_KILL_AT").ok().filter(|s| !s.is_empty()));

@@ -56,20 +56,13 @@ impl DiskStore {
     /// Open (creating if needed) the store of `network` under `data_dir`.
     pub fn open(data_dir: impl AsRef<Path>, network: &str) -> Result<DiskStore, CniError> {
         let dir = data_dir.as_ref().join(network);
-        DirBuilder::new()
-            .recursive(true)
-            .mode(DIR_MODE)
-            .create(&dir)
-            .map_err(|e| io_err("create", &dir, e))?;
+        DirBuilder::new().recursive(true).mode(DIR_MODE).create(&dir).map_err(|e| io_err("create", &dir, e))?;
         Self::open_dir(dir)
     }
 
     /// Open the store only if its directory exists: DEL, GC and CHECK have
     /// nothing to do (and should create nothing) when there is no state.
-    pub fn open_existing(
-        data_dir: impl AsRef<Path>,
-        network: &str,
-    ) -> Result<Option<DiskStore>, CniError> {
+    pub fn open_existing(data_dir: impl AsRef<Path>, network: &str) -> Result<Option<DiskStore>, CniError> {
         let dir = data_dir.as_ref().join(network);
         match fs::metadata(&dir) {
             Ok(m) if m.is_dir() => Self::open_dir(dir).map(Some),
@@ -88,10 +81,7 @@ impl DiskStore {
             Mode::from_bits_truncate(LOCK_MODE),
         )
         .map_err(|e| io_err("open", &path, e))?;
-        Ok(DiskStore {
-            dir,
-            lock: LockState::Unlocked(File::from(fd)),
-        })
+        Ok(DiskStore { dir, lock: LockState::Unlocked(File::from(fd)) })
     }
 
     pub fn dir(&self) -> &Path {
@@ -186,21 +176,9 @@ impl Store for DiskStore {
         }
     }
 
-    fn reserve(
-        &mut self,
-        id: &str,
-        ifname: &str,
-        ip: IpAddr,
-        range_set: usize,
-    ) -> Result<bool, CniError> {
+    fn reserve(&mut self, id: &str, ifname: &str, ip: IpAddr, range_set: usize) -> Result<bool, CniError> {
         let path = self.ip_path(ip);
-        let mut f = match OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(DATA_MODE)
-            .open(&path)
-        {
+        let mut f = match OpenOptions::new().read(true).write(true).create_new(true).mode(DATA_MODE).open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == ErrorKind::AlreadyExists => return Ok(false),
             Err(e) => return Err(io_err("create", &path, e)),
@@ -261,11 +239,7 @@ impl Store for DiskStore {
     }
 
     fn list(&mut self) -> Result<Vec<Reservation>, CniError> {
-        Ok(self
-            .scan()?
-            .into_iter()
-            .map(|(ip, _, c)| Reservation::parse(ip, &c))
-            .collect())
+        Ok(self.scan()?.into_iter().map(|(ip, _, c)| Reservation::parse(ip, &c)).collect())
     }
 }
 
@@ -286,8 +260,7 @@ pub(crate) mod tests {
         pub(crate) fn new(tag: &str) -> TempDir {
             static N: AtomicUsize = AtomicUsize::new(0);
             let n = N.fetch_add(1, Ordering::Relaxed);
-            let p =
-                std::env::temp_dir().join(format!("tern-ipam-{tag}-{}-{n}", std::process::id()));
+            let p = std::env::temp_dir().join(format!("tern-ipam-{tag}-{}-{n}", std::process::id()));
             let _ = fs::remove_dir_all(&p);
             fs::create_dir_all(&p).unwrap();
             TempDir(p)
@@ -301,8 +274,7 @@ pub(crate) mod tests {
     }
 
     fn cfg(ipam: &str) -> HostLocalConfig {
-        let json =
-            format!(r#"{{"cniVersion":"1.0.0","name":"net","type":"tern-ipam","ipam":{ipam}}}"#);
+        let json = format!(r#"{{"cniVersion":"1.0.0","name":"net","type":"tern-ipam","ipam":{ipam}}}"#);
         let conf = NetConf::parse(json.as_bytes(), Command::Add, &Version::ALL).unwrap();
         HostLocalConfig::from_conf(&conf, &CniArgs::default()).unwrap()
     }
@@ -321,35 +293,18 @@ pub(crate) mod tests {
         let dir = t.0.join("net");
         assert_eq!(fs::read(dir.join("10.9.0.2")).unwrap(), b"ctr1\r\neth0");
         assert_eq!(fs::read(dir.join("fd00:9::2")).unwrap(), b"ctr1\r\neth0");
-        assert_eq!(
-            fs::read(dir.join("last_reserved_ip.0")).unwrap(),
-            b"10.9.0.2"
-        );
-        assert_eq!(
-            fs::read(dir.join("last_reserved_ip.1")).unwrap(),
-            b"fd00:9::2"
-        );
+        assert_eq!(fs::read(dir.join("last_reserved_ip.0")).unwrap(), b"10.9.0.2");
+        assert_eq!(fs::read(dir.join("last_reserved_ip.1")).unwrap(), b"fd00:9::2");
         let lock = fs::metadata(dir.join("lock")).unwrap();
         assert_eq!(lock.len(), 0);
         // 0750 less whatever the umask removes.
         assert_eq!(lock.permissions().mode() & 0o777 & !LOCK_MODE, 0);
         let data = fs::metadata(dir.join("10.9.0.2")).unwrap();
         assert_eq!(data.permissions().mode() & 0o777 & !DATA_MODE, 0);
-        let mut names: Vec<String> = fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
+        let mut names: Vec<String> =
+            fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         names.sort();
-        assert_eq!(
-            names,
-            [
-                "10.9.0.2",
-                "fd00:9::2",
-                "last_reserved_ip.0",
-                "last_reserved_ip.1",
-                "lock"
-            ]
-        );
+        assert_eq!(names, ["10.9.0.2", "fd00:9::2", "last_reserved_ip.0", "last_reserved_ip.1", "lock"]);
     }
 
     /// Appendix A through the disk store, including the pointer left at a
@@ -362,17 +317,14 @@ pub(crate) mod tests {
         allocate(&mut s, &c, "ctr1", "eth0").unwrap();
         allocate(&mut s, &c, "ctr2", "eth0").unwrap();
         let e = allocate(&mut s, &c, "ctr3", "eth0").unwrap_err();
-        assert_eq!(e.msg, "failed to allocate for range 1: no IP addresses available in range set: fd00:9::1-fd00:9::3");
+        assert_eq!(
+            e.msg,
+            "failed to allocate for range 1: no IP addresses available in range set: fd00:9::1-fd00:9::3"
+        );
         let dir = t.0.join("net");
         assert!(!dir.join("10.9.0.4").exists());
-        assert_eq!(
-            fs::read(dir.join("last_reserved_ip.0")).unwrap(),
-            b"10.9.0.4"
-        );
-        assert_eq!(
-            release(&mut s, "ctr1", "eth0").unwrap(),
-            vec![ip("10.9.0.2"), ip("fd00:9::2")]
-        );
+        assert_eq!(fs::read(dir.join("last_reserved_ip.0")).unwrap(), b"10.9.0.4");
+        assert_eq!(release(&mut s, "ctr1", "eth0").unwrap(), vec![ip("10.9.0.2"), ip("fd00:9::2")]);
         let r = allocate(&mut s, &c, "ctr4", "eth0").unwrap();
         let got: Vec<String> = r.iter().map(|i| i.address.to_string()).collect();
         assert_eq!(got, ["10.9.0.5/29", "fd00:9::2/126"]);
@@ -391,24 +343,12 @@ pub(crate) mod tests {
         let mut s = DiskStore::open_existing(&t.0, "net").unwrap().unwrap();
         let mut l = Locked::new(&mut s).unwrap();
         assert_eq!(l.last_reserved(0).unwrap(), Some(ip("10.0.0.4")));
-        assert_eq!(
-            l.get_by_id("ctrB", "eth0").unwrap(),
-            vec![ip("10.0.0.3"), ip("10.0.0.4")]
-        );
+        assert_eq!(l.get_by_id("ctrB", "eth0").unwrap(), vec![ip("10.0.0.3"), ip("10.0.0.4")]);
         // id+ifname matches first; the legacy file only goes when nothing did.
-        assert_eq!(
-            l.release_by_id("ctrB", "eth0").unwrap(),
-            vec![ip("10.0.0.4")]
-        );
-        assert_eq!(
-            l.release_by_id("ctrB", "eth0").unwrap(),
-            vec![ip("10.0.0.3")]
-        );
+        assert_eq!(l.release_by_id("ctrB", "eth0").unwrap(), vec![ip("10.0.0.4")]);
+        assert_eq!(l.release_by_id("ctrB", "eth0").unwrap(), vec![ip("10.0.0.3")]);
         assert!(l.release_by_id("ctrB", "eth0").unwrap().is_empty());
-        assert_eq!(
-            l.list().unwrap(),
-            vec![Reservation::parse(ip("10.0.0.2"), "ctrA\r\neth0")]
-        );
+        assert_eq!(l.list().unwrap(), vec![Reservation::parse(ip("10.0.0.2"), "ctrA\r\neth0")]);
         drop(l);
         assert!(DiskStore::open_existing(&t.0, "other").unwrap().is_none());
         assert!(!t.0.join("other").exists());
@@ -425,10 +365,7 @@ pub(crate) mod tests {
         assert!(release(&mut s, "ctr", "eth0").unwrap().is_empty());
         let r = allocate(&mut s, &c, "ctr", "eth0").unwrap();
         assert_eq!(r[0].address.to_string(), "10.0.0.3/29");
-        let keep = [Attachment {
-            container_id: "ctr".into(),
-            ifname: "eth0".into(),
-        }];
+        let keep = [Attachment { container_id: "ctr".into(), ifname: "eth0".into() }];
         assert_eq!(gc(&mut s, &keep).unwrap(), vec![ip("10.0.0.2")]);
         assert!(t.0.join("net/10.0.0.3").exists());
         assert!(t.0.join("net/lock").exists() && t.0.join("net/last_reserved_ip.0").exists());
@@ -453,11 +390,8 @@ pub(crate) mod tests {
                 })
             })
             .collect();
-        let mut all: Vec<IpAddr> = handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap())
-            .map(|ipc| ipc.address.addr())
-            .collect();
+        let mut all: Vec<IpAddr> =
+            handles.into_iter().flat_map(|h| h.join().unwrap()).map(|ipc| ipc.address.addr()).collect();
         assert_eq!(all.len(), 128);
         all.sort();
         all.dedup();
@@ -473,9 +407,7 @@ pub(crate) mod tests {
         let mut a = DiskStore::open(&t.0, "net").unwrap();
         let b = DiskStore::open(&t.0, "net").unwrap();
         a.lock().unwrap();
-        let LockState::Unlocked(f) = &b.lock else {
-            panic!()
-        };
+        let LockState::Unlocked(f) = &b.lock else { panic!() };
         let f2 = f.try_clone().unwrap();
         assert!(Flock::lock(f2, FlockArg::LockExclusiveNonblock).is_err());
         a.unlock().unwrap();

@@ -28,11 +28,7 @@ enum Allocator {
 }
 
 fn allocator(req: &Request) -> Result<Allocator, CniError> {
-    let ipam = req
-        .conf
-        .ipam
-        .as_ref()
-        .ok_or_else(|| CniError::invalid_config("IPAM config missing 'ipam' key"))?;
+    let ipam = req.conf.ipam.as_ref().ok_or_else(|| CniError::invalid_config("IPAM config missing 'ipam' key"))?;
     match ipam.get("allocator") {
         None | Some(Value::Null) => Ok(Allocator::HostLocal),
         Some(Value::String(s)) if s == "host-local" => Ok(Allocator::HostLocal),
@@ -44,11 +40,8 @@ fn allocator(req: &Request) -> Result<Allocator, CniError> {
 }
 
 fn read_resolv_conf(path: &str) -> Result<tern_cni::Dns, CniError> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        CniError::internal(format!(
-            "failed to read resolvConf {path}: {e} (ipam.resolvConf)"
-        ))
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CniError::internal(format!("failed to read resolvConf {path}: {e} (ipam.resolvConf)")))?;
     Ok(tern_ipam::parse_resolv_conf(&text))
 }
 
@@ -63,9 +56,7 @@ pub fn release(req: &Request) -> Result<Vec<IpAddr>, CniError> {
             let data_dir = HostLocalConfig::data_dir_of(&req.conf)?;
             match DiskStore::open_existing(&data_dir, &req.conf.name)? {
                 None => Ok(Vec::new()),
-                Some(mut store) => {
-                    tern_ipam::release(&mut store, req.env.container_id(), req.env.ifname())
-                }
+                Some(mut store) => tern_ipam::release(&mut store, req.env.container_id(), req.env.ifname()),
             }
         }
     }
@@ -88,18 +79,8 @@ impl Plugin for IpamPlugin {
                     None => Default::default(),
                 };
                 let mut store = DiskStore::open(cfg.data_dir(), &cfg.name)?;
-                let ips = tern_ipam::allocate(
-                    &mut store,
-                    &cfg,
-                    req.env.container_id(),
-                    req.env.ifname(),
-                )?;
-                Ok(CniResult {
-                    interfaces: Vec::new(),
-                    ips,
-                    routes: cfg.routes.clone(),
-                    dns,
-                })
+                let ips = tern_ipam::allocate(&mut store, &cfg, req.env.container_id(), req.env.ifname())?;
+                Ok(CniResult { interfaces: Vec::new(), ips, routes: cfg.routes.clone(), dns })
             }
         }
     }
@@ -111,10 +92,11 @@ impl Plugin for IpamPlugin {
 
     fn check(&self, req: &Request) -> Result<(), CniError> {
         req.env.args.check_known(KNOWN_ARGS)?;
-        let prev =
-            req.conf.prev_result.as_ref().ok_or_else(|| {
-                CniError::invalid_config("Required prevResult missing (prevResult)")
-            })?;
+        let prev = req
+            .conf
+            .prev_result
+            .as_ref()
+            .ok_or_else(|| CniError::invalid_config("Required prevResult missing (prevResult)"))?;
         let (id, ifname) = (req.env.container_id(), req.env.ifname());
         match allocator(req)? {
             Allocator::Static => StaticConfig::from_conf(&req.conf, &req.env.args)?.check(prev),
@@ -181,17 +163,8 @@ mod tests {
         .into_iter()
         .collect();
         let env = Env::from_lookup(|k| vars.get(k).map(|v| v.to_string())).unwrap();
-        let conf_parsed = NetConf::parse(
-            conf.as_bytes(),
-            env.command,
-            IpamPlugin.supported_versions(),
-        )
-        .unwrap();
-        Request {
-            env,
-            conf: conf_parsed,
-            stdin: conf.as_bytes().to_vec(),
-        }
+        let conf_parsed = NetConf::parse(conf.as_bytes(), env.command, IpamPlugin.supported_versions()).unwrap();
+        Request { env, conf: conf_parsed, stdin: conf.as_bytes().to_vec() }
     }
 
     fn host_local(dir: &TempDir) -> String {
@@ -207,9 +180,7 @@ mod tests {
     fn add_check_del_gc_status_host_local() {
         let t = TempDir::new("plugin");
         let conf = host_local(&t);
-        let r = IpamPlugin
-            .add(&req("ADD", "ctr1", "IgnoreUnknown=1;K8S_POD_NAME=p", &conf))
-            .unwrap();
+        let r = IpamPlugin.add(&req("ADD", "ctr1", "IgnoreUnknown=1;K8S_POD_NAME=p", &conf)).unwrap();
         assert!(r.interfaces.is_empty());
         assert_eq!(r.ips.len(), 2);
         assert!(r.ips.iter().all(|ip| ip.interface.is_none()));
@@ -220,32 +191,20 @@ mod tests {
         // CHECK with the result as prevResult passes; with another address fails.
         let mut with_prev: serde_json::Value = serde_json::from_str(&conf).unwrap();
         with_prev["prevResult"] = json.clone();
-        IpamPlugin
-            .check(&req("CHECK", "ctr1", "", &with_prev.to_string()))
-            .unwrap();
+        IpamPlugin.check(&req("CHECK", "ctr1", "", &with_prev.to_string())).unwrap();
         with_prev["prevResult"]["ips"][0]["address"] = "10.9.0.3/29".into();
-        let e = IpamPlugin
-            .check(&req("CHECK", "ctr1", "", &with_prev.to_string()))
-            .unwrap_err();
+        let e = IpamPlugin.check(&req("CHECK", "ctr1", "", &with_prev.to_string())).unwrap_err();
         assert!(e.msg.contains("10.9.0."), "{}", e.msg);
 
         IpamPlugin.add(&req("ADD", "ctr2", "", &conf)).unwrap();
-        let e = IpamPlugin
-            .status(&req("STATUS", "", "", &conf))
-            .unwrap_err();
+        let e = IpamPlugin.status(&req("STATUS", "", "", &conf)).unwrap_err();
         assert_eq!(e.code, 50);
-        assert_eq!(
-            e.msg,
-            "no IP addresses available in range set: fd00:9::1-fd00:9::3"
-        );
+        assert_eq!(e.msg, "no IP addresses available in range set: fd00:9::1-fd00:9::3");
 
         // GC keeping only ctr2 frees ctr1's pair.
         let mut gc_conf: serde_json::Value = serde_json::from_str(&conf).unwrap();
-        gc_conf["cni.dev/valid-attachments"] =
-            serde_json::json!([{"containerID":"ctr2","ifname":"eth0"}]);
-        IpamPlugin
-            .gc(&req("GC", "", "", &gc_conf.to_string()))
-            .unwrap();
+        gc_conf["cni.dev/valid-attachments"] = serde_json::json!([{"containerID":"ctr2","ifname":"eth0"}]);
+        IpamPlugin.gc(&req("GC", "", "", &gc_conf.to_string())).unwrap();
         IpamPlugin.status(&req("STATUS", "", "", &conf)).unwrap();
         assert!(release(&req("DEL", "ctr1", "", &conf)).unwrap().is_empty());
 
@@ -266,16 +225,10 @@ mod tests {
     fn unknown_args_rejected_unless_ignored() {
         let t = TempDir::new("args");
         let conf = host_local(&t);
-        let e = IpamPlugin
-            .add(&req("ADD", "c", "FOO=1", &conf))
-            .unwrap_err();
+        let e = IpamPlugin.add(&req("ADD", "c", "FOO=1", &conf)).unwrap_err();
         assert_eq!(e.code, 4);
-        IpamPlugin
-            .add(&req("ADD", "c", "FOO=1;IgnoreUnknown=1;IP=10.9.0.6", &conf))
-            .unwrap();
-        let e = IpamPlugin
-            .add(&req("ADD", "d", "IP=10.9.0.6", &conf))
-            .unwrap_err();
+        IpamPlugin.add(&req("ADD", "c", "FOO=1;IgnoreUnknown=1;IP=10.9.0.6", &conf)).unwrap();
+        let e = IpamPlugin.add(&req("ADD", "d", "IP=10.9.0.6", &conf)).unwrap_err();
         assert!(e.msg.contains("10.9.0.6"), "{}", e.msg);
     }
 
@@ -284,10 +237,8 @@ mod tests {
         let t = TempDir::new("resolv");
         let path = t.0.join("resolv.conf");
         std::fs::write(&path, "nameserver 10.0.0.10\nsearch a.example\n").unwrap();
-        let conf = host_local(&t).replace(
-            r#""type":"tern-ipam","#,
-            &format!(r#""type":"tern-ipam","resolvConf":"{}","#, path.display()),
-        );
+        let conf = host_local(&t)
+            .replace(r#""type":"tern-ipam","#, &format!(r#""type":"tern-ipam","resolvConf":"{}","#, path.display()));
         let r = IpamPlugin.add(&req("ADD", "c", "", &conf)).unwrap();
         assert_eq!(r.dns.nameservers, ["10.0.0.10"]);
         assert_eq!(r.dns.search, ["a.example"]);
@@ -301,16 +252,12 @@ mod tests {
     fn static_allocator() {
         let conf = r#"{"cniVersion":"1.0.0","name":"s","type":"tern","ipam":{"type":"tern-ipam","allocator":"static",
             "addresses":[{"address":"10.0.0.5/24","gateway":"10.0.0.1"}],"dns":{"nameservers":["1.1.1.1"]}}}"#;
-        let r = IpamPlugin
-            .add(&req("ADD", "c", "GATEWAY=10.0.0.254", conf))
-            .unwrap();
+        let r = IpamPlugin.add(&req("ADD", "c", "GATEWAY=10.0.0.254", conf)).unwrap();
         assert_eq!(r.ips[0].address.to_string(), "10.0.0.5/24");
         assert_eq!(r.ips[0].gateway, Some("10.0.0.254".parse().unwrap()));
         assert_eq!(r.dns.nameservers, ["1.1.1.1"]);
         IpamPlugin.del(&req("DEL", "c", "", conf)).unwrap();
-        let e = IpamPlugin
-            .add(&req("ADD", "c", "", &conf.replace("static", "magic")))
-            .unwrap_err();
+        let e = IpamPlugin.add(&req("ADD", "c", "", &conf.replace("static", "magic"))).unwrap_err();
         assert_eq!(e.code, 7);
     }
 }

@@ -55,7 +55,9 @@ impl PodConf {
             self.is_gateway = true;
         }
         if self.hairpin_mode && self.promisc_mode {
-            return Err(CniError::invalid_config("cannot set hairpin mode and promiscuous mode at the same time (hairpinMode, promiscMode)"));
+            return Err(CniError::invalid_config(
+                "cannot set hairpin mode and promiscuous mode at the same time (hairpinMode, promiscMode)",
+            ));
         }
         if let Some(mtu) = self.mtu {
             if !(68..=65535).contains(&mtu) {

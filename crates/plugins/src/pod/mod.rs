@@ -63,13 +63,15 @@ fn load_conf(req: &Request) -> Result<PodConf, CniError> {
 }
 
 fn open_netns(path: &str) -> Result<NetNs, CniError> {
-    NetNs::open(path).map_err(|e| CniError::new(Code::InvalidEnv, format!("failed to open netns {path:?} (CNI_NETNS): {e}")))
+    NetNs::open(path)
+        .map_err(|e| CniError::new(Code::InvalidEnv, format!("failed to open netns {path:?} (CNI_NETNS): {e}")))
 }
 
 /// The MAC requested for the pod interface: CNI_ARGS MAC < args.cni.mac <
 /// runtimeConfig.mac, as in the reference bridge.
 fn requested_mac(req: &Request) -> Result<Option<Mac>, CniError> {
-    let from_args = req.conf.raw.get("args").and_then(|a| a.get("cni")).and_then(|c| c.get("mac")).and_then(|m| m.as_str());
+    let from_args =
+        req.conf.raw.get("args").and_then(|a| a.get("cni")).and_then(|c| c.get("mac")).and_then(|m| m.as_str());
     let chosen = req
         .conf
         .runtime_config
@@ -295,15 +297,25 @@ fn setup(
     };
 
     fault::point("veth");
-    host.create_veth(&target.host_veth, target.ifname, pod_ns, conf.mtu, mac, Some(&format!("{ALIAS_PREFIX}{}", target.owner)))
-        .map_err(|e| match e {
-            SysError::Exists(what) => CniError::internal(format!("cannot create the pod interface: {what} already exists")),
-            e => CniError::internal(format!("failed to create veth {}/{}: {e}", target.host_veth, target.ifname)),
-        })?;
+    host.create_veth(
+        &target.host_veth,
+        target.ifname,
+        pod_ns,
+        conf.mtu,
+        mac,
+        Some(&format!("{ALIAS_PREFIX}{}", target.owner)),
+    )
+    .map_err(|e| match e {
+        SysError::Exists(what) => CniError::internal(format!("cannot create the pod interface: {what} already exists")),
+        e => CniError::internal(format!("failed to create veth {}/{}: {e}", target.host_veth, target.ifname)),
+    })?;
     made.veth = true;
 
     fault::point("host-link");
-    let hv = host.link(&target.host_veth).map_err(sys("host veth"))?.ok_or_else(|| CniError::internal("host veth vanished"))?;
+    let hv = host
+        .link(&target.host_veth)
+        .map_err(sys("host veth"))?
+        .ok_or_else(|| CniError::internal("host veth vanished"))?;
     if let Some(br) = &bridge {
         host.set_master(hv.index, br.index).map_err(sys("failed to attach the host veth to the bridge"))?;
         if conf.hairpin_mode {
@@ -344,7 +356,10 @@ fn setup(
             pod.set_up(lo.index).map_err(sys("failed to bring lo up"))?;
         }
     }
-    let pv = pod.link(target.ifname).map_err(sys("pod interface"))?.ok_or_else(|| CniError::internal("pod interface vanished"))?;
+    let pv = pod
+        .link(target.ifname)
+        .map_err(sys("pod interface"))?
+        .ok_or_else(|| CniError::internal("pod interface vanished"))?;
     let pod_index = result.interfaces.len();
     result.interfaces.push(Interface {
         name: pv.name.clone(),
@@ -360,7 +375,8 @@ fn setup(
             Mode::Bridge => (ip.address, Some(gateway_of(ip))),
             Mode::Routed => (host_prefix(ip.address.addr()), Some(routed_gateway(ip.address.addr()))),
         };
-        pod.add_address(pv.index, addr, !conf.enabledad).map_err(sys(&format!("failed to add {addr} to {}", target.ifname)))?;
+        pod.add_address(pv.index, addr, !conf.enabledad)
+            .map_err(sys(&format!("failed to add {addr} to {}", target.ifname)))?;
         result.ips.push(IpConfig { address: addr, gateway, interface: Some(pod_index) });
     }
     pod.set_up(pv.index).map_err(sys("failed to bring the pod interface up"))?;
@@ -435,7 +451,9 @@ fn ensure_bridge(host: &Netlink, conf: &PodConf, ipam: &CniResult) -> Result<Lin
                 let _ = sysctl::write(&format!("net/ipv6/conf/{}/accept_ra", conf.bridge), "0");
                 l
             }
-            Err(SysError::Exists(_)) => host.link(&conf.bridge).map_err(sys("bridge"))?.ok_or_else(|| CniError::internal("bridge vanished"))?,
+            Err(SysError::Exists(_)) => {
+                host.link(&conf.bridge).map_err(sys("bridge"))?.ok_or_else(|| CniError::internal("bridge vanished"))?
+            }
             Err(e) => return Err(CniError::internal(format!("failed to create bridge {:?}: {e}", conf.bridge))),
         },
     };
@@ -449,7 +467,8 @@ fn ensure_bridge(host: &Netlink, conf: &PodConf, ipam: &CniResult) -> Result<Lin
         host.set_up(br.index).map_err(sys("failed to bring the bridge up"))?;
     }
     if conf.is_gateway {
-        let existing: Vec<IpNet> = host.addresses(Some(br.index)).map_err(sys("bridge addresses"))?.into_iter().map(|(_, a)| a).collect();
+        let existing: Vec<IpNet> =
+            host.addresses(Some(br.index)).map_err(sys("bridge addresses"))?.into_iter().map(|(_, a)| a).collect();
         for ip in &ipam.ips {
             let gw = IpNet::new(gateway_of(ip), ip.address.prefix_len()).expect("prefix from a valid address");
             if existing.contains(&gw) {
@@ -461,7 +480,9 @@ fn ensure_bridge(host: &Netlink, conf: &PodConf, ipam: &CniResult) -> Result<Lin
                 .copied()
                 .filter(|e| match (e, &gw) {
                     (IpNet::V4(_), IpNet::V4(_)) => true,
-                    (IpNet::V6(a), IpNet::V6(b)) => !a.addr().is_unicast_link_local() && (a.contains(&b.addr()) || b.contains(&a.addr())),
+                    (IpNet::V6(a), IpNet::V6(b)) => {
+                        !a.addr().is_unicast_link_local() && (a.contains(&b.addr()) || b.contains(&a.addr()))
+                    }
                     _ => false,
                 })
                 .collect();
@@ -509,7 +530,8 @@ fn bridge_pod_routes(conf: &PodConf, pod: &Netlink, index: u32, ipam: &CniResult
     if conf.is_default_gateway {
         for v4 in [true, false] {
             let Some(gw) = family_gw(v4) else { continue };
-            let has_default = ipam.routes.iter().any(|r| is_default(&r.dst) && r.dst.addr().is_ipv4() == v4 && r.gw.is_some());
+            let has_default =
+                ipam.routes.iter().any(|r| is_default(&r.dst) && r.dst.addr().is_ipv4() == v4 && r.gw.is_some());
             if has_default {
                 continue;
             }
@@ -614,7 +636,8 @@ fn check(conf: &PodConf, target: &Target, netns: &str, prev: &CniResult) -> Resu
     if !want_mac.is_empty() && !want_mac.eq_ignore_ascii_case(&have_mac) {
         return fail(format!("interface {} has MAC {have_mac}, prevResult says {want_mac}", target.ifname));
     }
-    let have: Vec<IpNet> = pod.addresses(Some(pv.index)).map_err(sys("pod addresses"))?.into_iter().map(|(_, a)| a).collect();
+    let have: Vec<IpNet> =
+        pod.addresses(Some(pv.index)).map_err(sys("pod addresses"))?.into_iter().map(|(_, a)| a).collect();
     for ip in prev.ips.iter().filter(|ip| ip.interface.is_none_or(|i| i == idx)) {
         if !have.contains(&ip.address) {
             return fail(format!("address {} is missing from {}", ip.address, target.ifname));
@@ -625,7 +648,11 @@ fn check(conf: &PodConf, target: &Target, netns: &str, prev: &CniResult) -> Resu
     for r in &prev.routes {
         let found = routes.iter().any(|have| have.dst == r.dst && (r.gw.is_none() || have.gw == r.gw));
         if !found {
-            return fail(format!("route {}{} is missing from the pod", r.dst, r.gw.map(|g| format!(" via {g}")).unwrap_or_default()));
+            return fail(format!(
+                "route {}{} is missing from the pod",
+                r.dst,
+                r.gw.map(|g| format!(" via {g}")).unwrap_or_default()
+            ));
         }
     }
     let host = Netlink::new().map_err(sys("netlink"))?;

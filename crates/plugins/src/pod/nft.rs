@@ -118,7 +118,8 @@ pub fn spoof_add(port: &str, mac: &str, owner: &str) -> Result<(), CniError> {
 /// element jumps to any more. Returns how many elements went.
 pub fn remove_owned(family: &str, table: &str, doomed: &dyn Fn(&str) -> bool) -> Result<usize, CniError> {
     let _guard = lock()?;
-    let listing = nft::list_json(&["list", "table", family, table]).map_err(|e| CniError::internal(format!("nftables: {e}")))?;
+    let listing =
+        nft::list_json(&["list", "table", family, table]).map_err(|e| CniError::internal(format!("nftables: {e}")))?;
     let Some(listing) = listing else { return Ok(0) };
     let plan = removal_plan(family, table, &listing, doomed);
     if plan.script.is_empty() {
@@ -148,7 +149,8 @@ pub fn removal_plan(family: &str, table: &str, listing: &Value, doomed: &dyn Fn(
                 chains.push(name.to_string());
             }
         }
-        let Some((kind, set)) = item.get("set").map(|s| ("set", s)).or_else(|| item.get("map").map(|m| ("map", m))) else {
+        let Some((kind, set)) = item.get("set").map(|s| ("set", s)).or_else(|| item.get("map").map(|m| ("map", m)))
+        else {
             continue;
         };
         let name = set.get("name").and_then(Value::as_str).unwrap_or_default();
@@ -167,7 +169,9 @@ pub fn removal_plan(family: &str, table: &str, listing: &Value, doomed: &dyn Fn(
                 let _ = kind;
             } else {
                 remaining += 1;
-                if let Some(target) = value.and_then(|v| v.get("jump")).and_then(|j| j.get("target")).and_then(Value::as_str) {
+                if let Some(target) =
+                    value.and_then(|v| v.get("jump")).and_then(|j| j.get("target")).and_then(Value::as_str)
+                {
                     jump_targets_left.insert(target.to_string());
                 }
             }

@@ -32,7 +32,11 @@ fn trash_name() -> String {
 
 /// Detach the host end `host_link` (and the pod end, when given) and delete
 /// the pair in the background. Returns once the names are free.
-pub fn detach_and_delete(host: &Netlink, host_link: &LinkInfo, pod: Option<(&Netlink, &LinkInfo)>) -> Result<(), SysError> {
+pub fn detach_and_delete(
+    host: &Netlink,
+    host_link: &LinkInfo,
+    pod: Option<(&Netlink, &LinkInfo)>,
+) -> Result<(), SysError> {
     if let Some((pod_nl, pod_link)) = pod {
         // Best effort: if the pod end cannot be renamed it still goes with the pair.
         if pod_nl.set_down(pod_link.index).is_ok() {
