@@ -49,13 +49,7 @@ fn enter_in_child(fd: RawFd) -> std::io::Result<()> {
                 std::ptr::null(),
             );
             if libc::umount2(c"/sys".as_ptr(), libc::MNT_DETACH) == 0 {
-                libc::mount(
-                    c"sysfs".as_ptr(),
-                    c"/sys".as_ptr(),
-                    c"sysfs".as_ptr(),
-                    0,
-                    std::ptr::null(),
-                );
+                libc::mount(c"sysfs".as_ptr(), c"/sys".as_ptr(), c"sysfs".as_ptr(), 0, std::ptr::null());
             }
         }
     }
@@ -64,10 +58,7 @@ fn enter_in_child(fd: RawFd) -> std::io::Result<()> {
 
 /// Exit code as a shell reports it: the code, or 128 + signal.
 pub(crate) fn code_of(status: &ExitStatus) -> i32 {
-    status
-        .code()
-        .or_else(|| status.signal().map(|s| 128 + s))
-        .unwrap_or(-1)
+    status.code().or_else(|| status.signal().map(|s| 128 + s)).unwrap_or(-1)
 }
 
 fn reader(mut r: impl Read + Send + 'static) -> mpsc::Receiver<Vec<u8>> {
@@ -82,10 +73,7 @@ fn reader(mut r: impl Read + Send + 'static) -> mpsc::Receiver<Vec<u8>> {
 
 fn kill_group(pgid: i32) {
     // The group was created for this child (process_group(0)): pgid == its pid.
-    let _ = nix::sys::signal::killpg(
-        nix::unistd::Pid::from_raw(pgid),
-        nix::sys::signal::Signal::SIGKILL,
-    );
+    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), nix::sys::signal::Signal::SIGKILL);
 }
 
 /// Runs `cmd` to completion with piped stdout/stderr, optional stdin, and a
@@ -99,17 +87,11 @@ pub(crate) fn output(
     ns: Option<&Netns>,
     what: &str,
 ) -> Output {
-    cmd.stdin(if stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    });
+    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() });
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     cmd.process_group(0);
     let deadline = Instant::now() + timeout;
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("testkit: cannot start {what}: {e}"));
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("testkit: cannot start {what}: {e}"));
     let pid = child.id() as i32;
     if let Some(ns) = ns {
         ns.track(pid);
@@ -135,10 +117,7 @@ pub(crate) fn output(
         timed_out = true;
         kill_group(pid);
     }
-    let status = waiter
-        .join()
-        .expect("waiter thread")
-        .unwrap_or_else(|e| panic!("testkit: wait for {what}: {e}"));
+    let status = waiter.join().expect("waiter thread").unwrap_or_else(|e| panic!("testkit: wait for {what}: {e}"));
     let ino = ns.map(Netns::inode);
     let mut collect = |rx: mpsc::Receiver<Vec<u8>>| -> Vec<u8> {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -163,18 +142,10 @@ pub(crate) fn output(
     }
     if timed_out {
         stderr.extend_from_slice(
-            format!(
-                "\n[testkit: {what} killed after the {} s timeout]\n",
-                timeout.as_secs_f32()
-            )
-            .as_bytes(),
+            format!("\n[testkit: {what} killed after the {} s timeout]\n", timeout.as_secs_f32()).as_bytes(),
         );
     }
-    Output {
-        status,
-        stdout,
-        stderr,
-    }
+    Output { status, stdout, stderr }
 }
 
 /// Short description of an argv for messages.

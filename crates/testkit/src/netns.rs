@@ -45,21 +45,11 @@ impl Netns {
             cmd.args(["netns", "add", &name]);
             let out = output(cmd, None, TIMEOUT, None, "ip netns add");
             if !out.status.success() {
-                panic!(
-                    "testkit: `ip netns add {name}` failed: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
+                panic!("testkit: `ip netns add {name}` failed: {}", String::from_utf8_lossy(&out.stderr).trim());
             }
-            let file = File::open(&path)
-                .unwrap_or_else(|e| panic!("testkit: open {}: {e}", path.display()));
+            let file = File::open(&path).unwrap_or_else(|e| panic!("testkit: open {}: {e}", path.display()));
             let ino = file.metadata().expect("stat netns").ino();
-            let ns = Netns {
-                name,
-                path,
-                fd: Arc::new(OwnedFd::from(file)),
-                ino,
-                pgids: Mutex::new(Vec::new()),
-            };
+            let ns = Netns { name, path, fd: Arc::new(OwnedFd::from(file)), ino, pgids: Mutex::new(Vec::new()) };
             ns.ok("ip link set lo up");
             return ns;
         }
@@ -84,10 +74,7 @@ impl Netns {
     }
 
     pub(crate) fn track(&self, pgid: i32) {
-        self.pgids
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(pgid);
+        self.pgids.lock().unwrap_or_else(|e| e.into_inner()).push(pgid);
     }
 
     /// A `Command` that runs `program` inside this namespace (as with
@@ -158,10 +145,7 @@ impl Netns {
 
     /// Names of all links in the namespace (`ip -j link show`).
     pub fn links(&self) -> Vec<String> {
-        ip_json(self, &["link", "show"])
-            .iter()
-            .filter_map(|l| l["ifname"].as_str().map(str::to_owned))
-            .collect()
+        ip_json(self, &["link", "show"]).iter().filter_map(|l| l["ifname"].as_str().map(str::to_owned)).collect()
     }
 
     /// Global-scope addresses of `ifname` as `addr/prefixlen` strings, IPv4
@@ -243,9 +227,7 @@ impl Drop for Netns {
 /// started: a descendant of ours, or a member of a process group the kit
 /// created (which catches orphaned background jobs of `sh` scripts).
 fn kill_leftovers(ino: u64, pgids: &[i32]) {
-    kill_in_ns(ino, |pgrp, descends_from_me| {
-        descends_from_me || pgids.contains(&pgrp)
-    });
+    kill_in_ns(ino, |pgrp, descends_from_me| descends_from_me || pgids.contains(&pgrp));
 }
 
 /// SIGKILLs the members of process group `pgid` whose netns is `ino`.
@@ -274,10 +256,8 @@ fn kill_in_ns(ino: u64, pick: impl Fn(i32, bool) -> bool) {
             continue;
         };
         let f: Vec<&str> = rest.split_whitespace().collect();
-        if let (Some(ppid), Some(pgrp)) = (
-            f.get(1).and_then(|s| s.parse().ok()),
-            f.get(2).and_then(|s| s.parse().ok()),
-        ) {
+        if let (Some(ppid), Some(pgrp)) = (f.get(1).and_then(|s| s.parse().ok()), f.get(2).and_then(|s| s.parse().ok()))
+        {
             procs.insert(pid, (ppid, pgrp));
         }
     }
@@ -300,10 +280,7 @@ fn kill_in_ns(ino: u64, pick: impl Fn(i32, bool) -> bool) {
             _ => continue,
         }
         if pick(pgrp, descends_from_me(pid)) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
         }
     }
 }

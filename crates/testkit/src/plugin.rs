@@ -40,8 +40,7 @@ impl Plugins {
         let dir = tmp.join("bin");
         std::fs::create_dir(&dir).expect("create plugin dir");
         for name in names {
-            std::os::unix::fs::symlink(&bin, dir.join(name))
-                .unwrap_or_else(|e| panic!("testkit: symlink {name}: {e}"));
+            std::os::unix::fs::symlink(&bin, dir.join(name)).unwrap_or_else(|e| panic!("testkit: symlink {name}: {e}"));
         }
         Plugins { dir, _tmp: tmp }
     }
@@ -102,10 +101,7 @@ impl PluginRun {
 
     /// The `code` of a CNI error object on stdout, if stdout is one.
     pub fn error_code(&self) -> Option<u64> {
-        serde_json::from_str::<serde_json::Value>(&self.stdout)
-            .ok()?
-            .get("code")?
-            .as_u64()
+        serde_json::from_str::<serde_json::Value>(&self.stdout).ok()?.get("code")?.as_u64()
     }
 }
 
@@ -159,21 +155,12 @@ pub fn exec_plugin(
 
 /// Lower level [`exec_plugin`]: the `CNI_*` variables are exactly `env` (for
 /// tests of missing or malformed variables); `PATH` is added unless given.
-pub fn exec_plugin_env(
-    node: &Netns,
-    plugins: &Plugins,
-    plugin: &str,
-    env: &[(&str, &str)],
-    stdin: &str,
-) -> PluginRun {
+pub fn exec_plugin_env(node: &Netns, plugins: &Plugins, plugin: &str, env: &[(&str, &str)], stdin: &str) -> PluginRun {
     let exe = plugins.path(plugin);
     let mut cmd = command_in(node, &exe);
     cmd.env_clear().current_dir("/");
     if !env.iter().any(|(k, _)| *k == "PATH") {
-        cmd.env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        );
+        cmd.env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
     }
     for k in ["RUST_BACKTRACE", "RUST_LOG"] {
         if let Some(v) = std::env::var_os(k) {
@@ -182,13 +169,7 @@ pub fn exec_plugin_env(
     }
     cmd.envs(env.iter().copied());
     let what = format!("plugin {plugin} in netns {}", node.name());
-    let out = output(
-        cmd,
-        Some(stdin.as_bytes().to_vec()),
-        TIMEOUT,
-        Some(node),
-        &what,
-    );
+    let out = output(cmd, Some(stdin.as_bytes().to_vec()), TIMEOUT, Some(node), &what);
     PluginRun {
         code: code_of(&out.status),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -38,10 +38,7 @@ pub struct ChildGuard {
 }
 
 fn unregister(pid: i32) {
-    REGISTRY
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .retain(|(_, p)| *p != pid);
+    REGISTRY.lock().unwrap_or_else(|e| e.into_inner()).retain(|(_, p)| *p != pid);
 }
 
 /// Starts `argv` inside `ns` in the background (stdin from /dev/null).
@@ -51,10 +48,7 @@ pub fn spawn_in(ns: &Netns, argv: &[&str]) -> ChildGuard {
     let f = File::create(&log).unwrap_or_else(|e| panic!("testkit: create {}: {e}", log.display()));
     let f2 = f.try_clone().expect("dup log fd");
     let mut cmd = command_in(ns, argv[0]);
-    cmd.args(&argv[1..])
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(f))
-        .stderr(Stdio::from(f2));
+    cmd.args(&argv[1..]).stdin(Stdio::null()).stdout(Stdio::from(f)).stderr(Stdio::from(f2));
     // Hold the registry lock across spawn so the pid is registered before anyone can drop the ns.
     let mut reg = REGISTRY.lock().unwrap_or_else(|e| e.into_inner());
     let child = match cmd.spawn() {
@@ -62,22 +56,14 @@ pub fn spawn_in(ns: &Netns, argv: &[&str]) -> ChildGuard {
         Err(e) => {
             drop(reg);
             let _ = std::fs::remove_file(&log);
-            panic!(
-                "testkit: cannot start `{}` in netns {}: {e}",
-                argv.join(" "),
-                ns.name()
-            );
+            panic!("testkit: cannot start `{}` in netns {}: {e}", argv.join(" "), ns.name());
         }
     };
     let pid = child.id() as i32;
     reg.push((ns.name().to_owned(), pid));
     drop(reg);
     ns.track(pid);
-    ChildGuard {
-        child,
-        log,
-        reaped: false,
-    }
+    ChildGuard { child, log, reaped: false }
 }
 
 impl ChildGuard {
@@ -87,9 +73,7 @@ impl ChildGuard {
 
     /// Everything the process wrote to stdout and stderr so far.
     pub fn log(&self) -> String {
-        std::fs::read(&self.log)
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
+        std::fs::read(&self.log).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
     }
 
     /// Waits up to `timeout` for `needle` to appear in [`ChildGuard::log`].

@@ -27,13 +27,7 @@ pub fn tcp_ok(client: &Netns, server: &Netns, server_ip: IpAddr, port: u16) -> b
 
 /// [`tcp_ok`] with an explicit client deadline (e.g. shorter for negative
 /// tests that expect no connectivity).
-pub fn tcp_ok_within(
-    client: &Netns,
-    server: &Netns,
-    server_ip: IpAddr,
-    port: u16,
-    timeout: Duration,
-) -> bool {
+pub fn tcp_ok_within(client: &Netns, server: &Netns, server_ip: IpAddr, port: u16, timeout: Duration) -> bool {
     let addr = SocketAddr::new(server_ip, port);
     let listener = server.enter(|| bind_retry(addr));
     let listener = match listener {
@@ -43,9 +37,7 @@ pub fn tcp_ok_within(
             server.name()
         ),
     };
-    listener
-        .set_nonblocking(true)
-        .expect("nonblocking listener");
+    listener.set_nonblocking(true).expect("nonblocking listener");
 
     let stop = Arc::new(AtomicBool::new(false));
     let server_thread = {
@@ -61,11 +53,7 @@ pub fn tcp_ok_within(
     match result {
         Ok(()) => true,
         Err(e) => {
-            eprintln!(
-                "testkit: tcp_ok {} -> {addr} ({}): {e}",
-                client.name(),
-                server.name()
-            );
+            eprintln!("testkit: tcp_ok {} -> {addr} ({}): {e}", client.name(), server.name());
             false
         }
     }
@@ -109,16 +97,11 @@ fn connect_echo(addr: SocketAddr, token: &str, timeout: Duration) -> std::io::Re
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(std::io::Error::new(
-                ErrorKind::TimedOut,
-                "no connection before the deadline",
-            ));
+            return Err(std::io::Error::new(ErrorKind::TimedOut, "no connection before the deadline"));
         }
         match TcpStream::connect_timeout(&addr, left) {
             Ok(s) => {
-                let left = deadline
-                    .saturating_duration_since(Instant::now())
-                    .max(Duration::from_secs(1));
+                let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
                 s.set_read_timeout(Some(left))?;
                 s.set_write_timeout(Some(left))?;
                 (&s).write_all(token.as_bytes())?;

@@ -69,10 +69,7 @@ fn enter_runs_on_another_thread_in_the_namespace() {
     let mine = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
     let inside = ns.enter(|| std::fs::read_link("/proc/thread-self/ns/net").unwrap());
     assert_eq!(inside.to_str().unwrap(), format!("net:[{}]", ns.inode()));
-    assert_eq!(
-        std::fs::read_link("/proc/thread-self/ns/net").unwrap(),
-        mine
-    );
+    assert_eq!(std::fs::read_link("/proc/thread-self/ns/net").unwrap(), mine);
     // Panics propagate.
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ns.enter(|| panic!("x"))));
     assert!(r.is_err());
@@ -114,13 +111,7 @@ fn tcp_ok_is_false_without_a_path() {
     let (_a, b) = pair();
     let lonely = Netns::new("tk-lonely");
     let t = Instant::now();
-    let ok = tcp_ok_within(
-        &lonely,
-        &b,
-        "10.200.0.2".parse().unwrap(),
-        8080,
-        Duration::from_millis(500),
-    );
+    let ok = tcp_ok_within(&lonely, &b, "10.200.0.2".parse().unwrap(), 8080, Duration::from_millis(500));
     assert!(!ok);
     assert!(t.elapsed() < Duration::from_secs(5));
 }
@@ -158,12 +149,7 @@ fn sh_reports_failures() {
 fn alive(pid: u32) -> bool {
     // A zombie counts as gone.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z'),
+        Ok(s) => !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
         Err(_) => false,
     }
 }
@@ -184,11 +170,7 @@ fn child_guard_kills_on_drop() {
 fn netns_drop_kills_what_was_started_in_it() {
     let ns = Netns::new("tk-orphan");
     // A background job orphaned by its shell, and a guarded child outliving the ns guard.
-    let pid: u32 = ns
-        .ok("sleep 600 >/dev/null 2>&1 & echo $!")
-        .trim()
-        .parse()
-        .unwrap();
+    let pid: u32 = ns.ok("sleep 600 >/dev/null 2>&1 & echo $!").trim().parse().unwrap();
     let child = spawn_in(&ns, &["sleep", "600"]);
     let cpid = child.pid();
     assert!(alive(pid) && alive(cpid));
@@ -202,14 +184,7 @@ fn netns_drop_kills_what_was_started_in_it() {
 fn temp_dir_is_removed_on_drop() {
     let d = TempDir::new();
     let p = d.path().to_path_buf();
-    assert!(
-        p.starts_with("/tmp")
-            && p.file_name()
-                .unwrap()
-                .to_str()
-                .unwrap()
-                .starts_with("tern-test-")
-    );
+    assert!(p.starts_with("/tmp") && p.file_name().unwrap().to_str().unwrap().starts_with("tern-test-"));
     std::fs::write(d.join("f"), "x").unwrap();
     drop(d);
     assert!(!exists(&p));
@@ -221,19 +196,10 @@ fn reservations_skip_lock_and_last_reserved() {
     assert!(reservations(d.path(), "net").is_empty());
     let n = d.join("net");
     std::fs::create_dir(&n).unwrap();
-    for f in [
-        "lock",
-        "last_reserved_ip.0",
-        "10.1.0.3",
-        "10.1.0.2",
-        "fd00::2",
-    ] {
+    for f in ["lock", "last_reserved_ip.0", "10.1.0.3", "10.1.0.2", "fd00::2"] {
         std::fs::write(n.join(f), "").unwrap();
     }
-    assert_eq!(
-        reservations(d.path(), "net"),
-        vec!["10.1.0.2", "10.1.0.3", "fd00::2"]
-    );
+    assert_eq!(reservations(d.path(), "net"), vec!["10.1.0.2", "10.1.0.3", "fd00::2"]);
 }
 
 /// The whole kit against the reference plugins: a node namespace, a pod,
@@ -246,17 +212,7 @@ fn reference_bridge_add_del_leaves_nothing() {
     // Any executable will do for the kit's own directory; VERSION goes to it.
     let plugins = Plugins::new(Path::new("/usr/lib/cni/host-local"));
     assert!(plugins.cni_path().ends_with(":/usr/lib/cni"));
-    let v = exec_plugin(
-        &node,
-        &plugins,
-        "tern-ipam",
-        "VERSION",
-        "",
-        None,
-        "",
-        "",
-        r#"{"cniVersion":"1.0.0"}"#,
-    );
+    let v = exec_plugin(&node, &plugins, "tern-ipam", "VERSION", "", None, "", "", r#"{"cniVersion":"1.0.0"}"#);
     v.assert_ok();
     assert!(v.json()["supportedVersions"].to_string().contains("1.0.0"));
 
@@ -266,17 +222,7 @@ fn reference_bridge_add_del_leaves_nothing() {
                     "dataDir":"{}"}}}}"#,
         data.path().display()
     );
-    let add = exec_plugin(
-        &node,
-        &plugins,
-        "bridge",
-        "ADD",
-        "c1",
-        Some(&pod.path()),
-        "eth0",
-        "",
-        &conf,
-    );
+    let add = exec_plugin(&node, &plugins, "bridge", "ADD", "c1", Some(&pod.path()), "eth0", "", &conf);
     add.assert_ok();
     let ips = add.json()["ips"].as_array().unwrap().len();
     assert_eq!(ips, 2);
@@ -286,34 +232,14 @@ fn reference_bridge_add_del_leaves_nothing() {
     let gw: IpAddr = "10.201.0.1".parse().unwrap();
     assert!(tcp_ok(&pod, &node, gw, 9000));
 
-    let del = exec_plugin(
-        &node,
-        &plugins,
-        "bridge",
-        "DEL",
-        "c1",
-        Some(&pod.path()),
-        "eth0",
-        "",
-        &conf,
-    );
+    let del = exec_plugin(&node, &plugins, "bridge", "DEL", "c1", Some(&pod.path()), "eth0", "", &conf);
     del.assert_ok();
     assert!(veth_links(&node, "").is_empty());
     assert!(reservations(data.path(), "kit").is_empty());
     assert!(nft_tables(&node).is_empty());
 
     // Errors come back as CNI error objects.
-    let bad = exec_plugin(
-        &node,
-        &plugins,
-        "bridge",
-        "ADD",
-        "c2",
-        Some(&pod.path()),
-        "eth0",
-        "",
-        "{not json",
-    );
+    let bad = exec_plugin(&node, &plugins, "bridge", "ADD", "c2", Some(&pod.path()), "eth0", "", "{not json");
     assert_ne!(bad.code, 0);
     assert!(bad.error_code().is_some(), "{bad}");
 }

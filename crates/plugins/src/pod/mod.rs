@@ -41,6 +41,7 @@ fn sys(op: &str) -> impl Fn(SysError) -> CniError + '_ {
 /// Who this invocation is about.
 struct Target<'a> {
     network: &'a str,
+    container_id: &'a str,
     ifname: &'a str,
     host_veth: String,
     owner: String,
@@ -51,6 +52,7 @@ impl<'a> Target<'a> {
         let (network, container_id, ifname) = (req.conf.name.as_str(), req.env.container_id(), req.env.ifname());
         Target {
             network,
+            container_id,
             ifname,
             host_veth: names::host_veth(container_id, ifname),
             owner: names::owner_tag(network, container_id, ifname),
@@ -95,8 +97,8 @@ fn refuse_existing(target: &Target, pod_ns: &NetNs) -> Result<(), CniError> {
     let host = Netlink::new().map_err(sys("netlink"))?;
     if host.link(&target.host_veth).map_err(sys("host veth"))?.is_some() {
         return Err(CniError::internal(format!(
-            "attachment {}/{} already exists (host veth {}): DEL it first",
-            target.network, target.ifname, target.host_veth
+            "attachment {}/{}/{} already exists (host veth {}): DEL it first",
+            target.network, target.container_id, target.ifname, target.host_veth
         )));
     }
     let pod = Netlink::in_netns(pod_ns).map_err(sys("netlink in the pod netns"))?;
@@ -228,8 +230,12 @@ fn remove_veth(req: &Request, target: &Target) -> Result<(), CniError> {
         .and_then(|nl| nl.link(target.ifname).ok().flatten())
         .filter(|l| l.peer_index == Some(hv.index) || hv.peer_index == Some(l.index));
     let pod = pod_nl.as_ref().zip(pod_link.as_ref());
-    reap::detach_and_delete(&host, &hv, pod)
-        .map_err(|e| CniError::internal(format!("failed to delete veth {}: {e}", target.host_veth)))
+    match reap::detach_and_delete(&host, &hv, pod) {
+        // The kernel tears a pair down asynchronously when its netns goes:
+        // vanishing under our feet is success.
+        Ok(()) | Err(SysError::NotFound(_)) => Ok(()),
+        Err(e) => Err(CniError::internal(format!("failed to delete veth {}: {e}", target.host_veth))),
+    }
 }
 
 fn join_errors(mut errors: Vec<CniError>) -> Result<(), CniError> {
