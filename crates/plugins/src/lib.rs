@@ -7,6 +7,7 @@
 pub mod delegate;
 pub mod fault;
 pub mod ipam;
+pub mod meta;
 pub mod names;
 pub mod pod;
 pub mod skel;
@@ -18,8 +19,13 @@ pub fn plugin_by_name(name: &str) -> Option<&'static dyn Plugin> {
     match name {
         "tern" => Some(&pod::PodPlugin),
         "tern-ipam" => Some(&ipam::IpamPlugin),
+        "tern-portmap" => Some(&meta::portmap::PortmapPlugin),
+        "tern-bandwidth" => Some(&meta::bandwidth::BandwidthPlugin),
+        "tern-firewall" => Some(&meta::firewall::FirewallPlugin),
+        "tern-tuning" => Some(&meta::tuning::TuningPlugin),
         _ => None,
     }
 }
 
-pub const PLUGIN_NAMES: &[&str] = &["tern", "tern-ipam"];
+pub const PLUGIN_NAMES: &[&str] =
+    &["tern", "tern-ipam", "tern-portmap", "tern-bandwidth", "tern-firewall", "tern-tuning"];

@@ -2,6 +2,7 @@
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod cni;
 mod install;
 
 #[derive(Parser)]
@@ -17,6 +18,9 @@ enum Command {
     Install(install::Args),
     /// Print the plugin names and the CNI versions they support.
     Plugins,
+    /// Run CNI networks like a container runtime does (libcni/cnitool equivalent).
+    #[command(subcommand)]
+    Cni(cni::Command),
     /// Measure tern against reference plugins (`tern bench cni`), in throwaway namespaces.
     Bench(bench::Args),
 }
@@ -26,6 +30,7 @@ pub fn run() -> i32 {
     let result = match cli.command {
         Command::Install(args) => install::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Cni(cmd) => cni::run(cmd),
         Command::Plugins => {
             for name in tern_plugins::PLUGIN_NAMES {
                 let p = tern_plugins::plugin_by_name(name).expect("listed plugin exists");

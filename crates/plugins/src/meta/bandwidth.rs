@@ -1,0 +1,27 @@
+//! tern-bandwidth: a chained plugin (work in progress).
+use tern_cni::{CniError, CniResult};
+
+use crate::skel::{Plugin, Request};
+
+pub struct BandwidthPlugin;
+
+impl Plugin for BandwidthPlugin {
+    fn name(&self) -> &'static str {
+        "tern-bandwidth"
+    }
+    fn add(&self, _req: &Request) -> Result<CniResult, CniError> {
+        Err(CniError::internal("tern-bandwidth: not implemented"))
+    }
+    fn del(&self, _req: &Request) -> Result<(), CniError> {
+        Err(CniError::internal("tern-bandwidth: not implemented"))
+    }
+    fn check(&self, _req: &Request) -> Result<(), CniError> {
+        Err(CniError::internal("tern-bandwidth: not implemented"))
+    }
+    fn status(&self, _req: &Request) -> Result<(), CniError> {
+        Ok(())
+    }
+    fn gc(&self, _req: &Request) -> Result<(), CniError> {
+        Err(CniError::internal("tern-bandwidth: not implemented"))
+    }
+}

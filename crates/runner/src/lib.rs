@@ -1,0 +1,1 @@
+//! The runtime side of CNI (what libcni does for podman and containerd).
