@@ -144,8 +144,18 @@ impl Netns {
     }
 
     /// Names of all links in the namespace (`ip -j link show`).
+    ///
+    /// Waits (up to 5 s) for tern's detached `tx*` links to be reaped first,
+    /// so a DEL's background unregister is not mistaken for a leak, and a
+    /// reaper that never finishes shows up as one.
     pub fn links(&self) -> Vec<String> {
-        ip_json(self, &["link", "show"]).iter().filter_map(|l| l["ifname"].as_str().map(str::to_owned)).collect()
+        let list = || -> Vec<String> {
+            ip_json(self, &["link", "show"]).iter().filter_map(|l| l["ifname"].as_str().map(str::to_owned)).collect()
+        };
+        crate::wait_until(std::time::Duration::from_secs(5), || {
+            !list().iter().any(|n| n.starts_with(crate::inspect::TRASH_PREFIX))
+        });
+        list()
     }
 
     /// Global-scope addresses of `ifname` as `addr/prefixlen` strings, IPv4
