@@ -19,21 +19,9 @@ fn plugins() -> Plugins {
     Plugins::new(Path::new(env!("CARGO_BIN_EXE_tern")))
 }
 
-/// The addresses (without prefix) of a CNI result, in result order.
-fn result_ips(run: &PluginRun) -> Vec<IpAddr> {
-    let v = run.json();
-    let ips = v["ips"].as_array().unwrap_or_else(|| panic!("result without ips:\n{run}"));
-    ips.iter()
-        .map(|ip| {
-            let a = ip["address"].as_str().unwrap_or_else(|| panic!("ip without address:\n{run}"));
-            a.split('/').next().unwrap().parse().unwrap_or_else(|e| panic!("bad address {a}: {e}"))
-        })
-        .collect()
-}
-
 /// The (v4, v6) pair of a dual-stack result.
 fn dual(run: &PluginRun) -> (IpAddr, IpAddr) {
-    let ips = result_ips(run);
+    let ips = run.ips();
     assert_eq!(ips.len(), 2, "expected one address per family:\n{run}");
     let v4 = *ips.iter().find(|i| i.is_ipv4()).unwrap_or_else(|| panic!("no IPv4 address:\n{run}"));
     let v6 = *ips.iter().find(|i| i.is_ipv6()).unwrap_or_else(|| panic!("no IPv6 address:\n{run}"));

@@ -19,45 +19,6 @@ fn plugins() -> Plugins {
     Plugins::new(Path::new(env!("CARGO_BIN_EXE_tern")))
 }
 
-/// The addresses (without prefix) of a CNI result.
-fn result_ips(run: &PluginRun) -> Vec<IpAddr> {
-    let v = run.json();
-    let ips = v["ips"].as_array().unwrap_or_else(|| panic!("result without ips:\n{run}"));
-    ips.iter()
-        .map(|ip| {
-            let a = ip["address"].as_str().unwrap_or_else(|| panic!("ip without address:\n{run}"));
-            a.split('/').next().unwrap().parse().unwrap_or_else(|e| panic!("bad address {a}: {e}"))
-        })
-        .collect()
-}
-
-/// The element keys and owner comments of the masquerade maps (`pods4`, `pods6`); empty when
-/// the table does not exist.
-fn masq_elements(node: &Netns) -> Vec<(String, String)> {
-    let out = node.run(&["nft", "-j", "list", "table", "inet", MASQ_TABLE]);
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("No such file or directory"), "nft list table inet {MASQ_TABLE}: {err}");
-        return Vec::new();
-    }
-    let v: Value = serde_json::from_slice(&out.stdout).expect("nft -j output");
-    let mut elems = Vec::new();
-    for item in v["nftables"].as_array().into_iter().flatten() {
-        let Some(set) = item.get("map").or_else(|| item.get("set")) else { continue };
-        for e in set["elem"].as_array().into_iter().flatten() {
-            let key = match e.as_array() {
-                Some(pair) => &pair[0],
-                None => e,
-            };
-            let inner = key.get("elem").unwrap_or(key);
-            let val = inner.get("val").unwrap_or(inner);
-            let comment = inner["comment"].as_str().unwrap_or_default().to_string();
-            elems.push((val.as_str().map(str::to_owned).unwrap_or_else(|| val.to_string()), comment));
-        }
-    }
-    elems
-}
-
 /// Every route of the node (all tables, both families) as text lines.
 fn node_routes(node: &Netns) -> Vec<String> {
     let mut lines = Vec::new();
@@ -108,7 +69,7 @@ fn add_del_many(n: usize, mode: &str, conf: &str, data: &TempDir, network: &str)
         adds.iter().enumerate().filter(|(_, r)| r.code != 0).map(|(i, r)| format!("ADD {i}: {r}")).collect();
     assert!(failed.is_empty(), "{} of {n} concurrent ADDs failed:\n{}", failed.len(), failed.join("\n"));
 
-    let per_pod: Vec<Vec<IpAddr>> = adds.iter().map(result_ips).collect();
+    let per_pod: Vec<Vec<IpAddr>> = adds.iter().map(PluginRun::ips).collect();
     let v4: HashSet<IpAddr> = per_pod.iter().flatten().copied().filter(IpAddr::is_ipv4).collect();
     let v6: HashSet<IpAddr> = per_pod.iter().flatten().copied().filter(IpAddr::is_ipv6).collect();
     assert!(per_pod.iter().all(|ips| ips.len() == 2), "expected two addresses per pod: {per_pod:?}");
@@ -212,4 +173,9 @@ fn concurrent_add_del_routed_32() {
     let data = TempDir::new();
     let network = unique("cc-rt");
     add_del_many(32, "routed", &conf(&network, "routed", None, &data), &data, &network);
+}
+
+/// The masquerade map elements as (address, owner tag).
+fn masq_elements(node: &Netns) -> Vec<(String, String)> {
+    nft_elements(node, "inet", MASQ_TABLE)
 }

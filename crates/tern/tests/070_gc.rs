@@ -20,44 +20,6 @@ fn plugins() -> Plugins {
     Plugins::new(Path::new(env!("CARGO_BIN_EXE_tern")))
 }
 
-/// The addresses (without prefix) of a CNI result.
-fn result_ips(run: &PluginRun) -> Vec<IpAddr> {
-    let v = run.json();
-    let ips = v["ips"].as_array().unwrap_or_else(|| panic!("result without ips:\n{run}"));
-    ips.iter()
-        .map(|ip| {
-            let a = ip["address"].as_str().unwrap_or_else(|| panic!("ip without address:\n{run}"));
-            a.split('/').next().unwrap().parse().unwrap_or_else(|e| panic!("bad address {a}: {e}"))
-        })
-        .collect()
-}
-
-/// Owner tags (comments) of the masquerade map elements, with their address keys.
-fn masq_elements(node: &Netns) -> BTreeSet<(String, String)> {
-    let out = node.run(&["nft", "-j", "list", "table", "inet", MASQ_TABLE]);
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("No such file or directory"), "nft list table inet {MASQ_TABLE}: {err}");
-        return BTreeSet::new();
-    }
-    let v: Value = serde_json::from_slice(&out.stdout).expect("nft -j output");
-    let mut elems = BTreeSet::new();
-    for item in v["nftables"].as_array().into_iter().flatten() {
-        let Some(set) = item.get("map").or_else(|| item.get("set")) else { continue };
-        for e in set["elem"].as_array().into_iter().flatten() {
-            let key = match e.as_array() {
-                Some(pair) => &pair[0],
-                None => e,
-            };
-            let inner = key.get("elem").unwrap_or(key);
-            let val = inner.get("val").unwrap_or(inner);
-            let comment = inner["comment"].as_str().unwrap_or_default().to_string();
-            elems.insert((comment, val.as_str().map(str::to_owned).unwrap_or_else(|| val.to_string())));
-        }
-    }
-    elems
-}
-
 /// One attachment: a pod namespace (shared by several attachments), container id, ifname, and
 /// the network (index into the test's configs) it was added to.
 struct Att<'a> {
@@ -105,7 +67,7 @@ impl World {
         let run =
             exec_plugin(&self.node, &self.plugins, "tern", "ADD", id, Some(&pod.path()), ifname, "", &self.confs[net]);
         run.assert_ok();
-        let ips = result_ips(&run);
+        let ips = run.ips();
         assert_eq!(ips.len(), 2, "{run}");
         let new: Vec<String> = veth_links(&self.node, "tn").into_iter().filter(|v| !before.contains(v)).collect();
         assert_eq!(new.len(), 1, "ADD {id}/{ifname} made host veths {new:?}");
@@ -403,4 +365,9 @@ fn gc_with_long_names() {
     w.assert_state(&a[0], true);
     w.assert_state(&a[2], true);
     assert_tcp(&a[0], &a[2]);
+}
+
+/// The masquerade map elements as (owner tag, address).
+fn masq_elements(node: &Netns) -> BTreeSet<(String, String)> {
+    nft_elements(node, "inet", MASQ_TABLE).into_iter().map(|(k, c)| (c, k)).collect()
 }

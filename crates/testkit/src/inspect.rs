@@ -60,3 +60,31 @@ pub fn reservations(data_dir: &Path, network: &str) -> Vec<String> {
     v.sort();
     v
 }
+
+/// The elements of every set and map in nftables table `family name` in
+/// `ns`, as (key, owner comment); empty when the table does not exist. Map
+/// elements give their key; concatenated keys are rendered as JSON.
+pub fn nft_elements(ns: &Netns, family: &str, table: &str) -> Vec<(String, String)> {
+    let out = ns.run(&["nft", "-j", "list", "table", family, table]);
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("No such file or directory"), "nft list table {family} {table}: {err}");
+        return Vec::new();
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("nft -j output");
+    let mut elems = Vec::new();
+    for item in v["nftables"].as_array().into_iter().flatten() {
+        let Some(set) = item.get("map").or_else(|| item.get("set")) else { continue };
+        for e in set["elem"].as_array().into_iter().flatten() {
+            let key = match e.as_array() {
+                Some(pair) => &pair[0],
+                None => e,
+            };
+            let inner = key.get("elem").unwrap_or(key);
+            let val = inner.get("val").unwrap_or(inner);
+            let comment = inner["comment"].as_str().unwrap_or_default().to_string();
+            elems.push((val.as_str().map(str::to_owned).unwrap_or_else(|| val.to_string()), comment));
+        }
+    }
+    elems
+}

@@ -59,7 +59,7 @@ mod process;
 mod tcp;
 
 pub use exec::TIMEOUT;
-pub use inspect::{nft_tables, reservations, veth_links, TRASH_PREFIX};
+pub use inspect::{nft_elements, nft_tables, reservations, veth_links, TRASH_PREFIX};
 pub use names::{require_root, unique, unique_short, wait_until, TempDir};
 pub use netns::Netns;
 pub use plugin::{exec_plugin, exec_plugin_env, PluginRun, Plugins, REFERENCE_CNI_DIR};

@@ -83,6 +83,22 @@ impl PluginRun {
             .unwrap_or_else(|e| panic!("testkit: plugin stdout is not JSON ({e}):\n{self}"))
     }
 
+    /// The addresses (without prefix) in a CNI result's `ips`.
+    pub fn ips(&self) -> Vec<std::net::IpAddr> {
+        let v = self.json();
+        let ips = v["ips"].as_array().unwrap_or_else(|| panic!("testkit: result without ips:\n{self}"));
+        ips.iter()
+            .map(|ip| {
+                let a = ip["address"].as_str().unwrap_or_else(|| panic!("testkit: ip without address:\n{self}"));
+                a.split('/')
+                    .next()
+                    .unwrap_or_default()
+                    .parse()
+                    .unwrap_or_else(|e| panic!("testkit: bad address {a}: {e}"))
+            })
+            .collect()
+    }
+
     /// Panics (showing exit code, stdout, stderr) unless the exit code is 0.
     pub fn assert_ok(&self) -> &Self {
         if self.code != 0 {
