@@ -3,6 +3,10 @@
 # network namespace; ADD, addresses, pod-to-pod and pod-to-node TCP, DEL, and
 # proof that nothing is left. Run by `make demo` (which builds first), as root.
 #
+# The pods are attached the way a container runtime does it, through
+# `tern cni add|del` (tern's libcni equivalent) with a private config dir,
+# result cache and CNI path.
+#
 # Nothing here touches the host's own network: the plugin runs inside the node
 # namespace, and all traffic stays between namespaces this script creates.
 #
@@ -10,6 +14,7 @@
 #   TERN=path                  the tern executable (default target/release/tern)
 #   TERN_DEMO_REFERENCE=1      run the same demo with Debian's reference
 #                              bridge + host-local plugins instead of tern
+#                              (still driven by `tern cni`)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -26,6 +31,8 @@ PODS=("tern-demo-pod1-$$" "tern-demo-pod2-$$" "tern-demo-pod3-$$")
 WORK="$(mktemp -d /tmp/tern-demo.XXXXXX)"
 BIN="$WORK/bin"
 DATA="$WORK/ipam"
+CONF_DIR="$WORK/net.d"
+CACHE="$WORK/cache"
 SERVER_PIDS=()
 
 cleanup() {
@@ -42,43 +49,47 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # --- the plugins -------------------------------------------------------------
+[ -x "$TERN" ] || die "$TERN not found: build it first (make build)"
 if [ "$REFERENCE" = 1 ]; then
   BIN=/usr/lib/cni PLUGIN=bridge IPAM=host-local
   say "using the reference plugins from $BIN (TERN_DEMO_REFERENCE=1)"
 else
-  [ -x "$TERN" ] || die "$TERN not found: build it first (make build)"
   PLUGIN=tern IPAM=tern-ipam
   "$TERN" install --cni-bin-dir "$BIN" >/dev/null
   say "installed tern into a private CNI bin dir: $(cd "$BIN" && echo *)"
 fi
 
-CONF=$(cat <<EOF
+mkdir -p "$CONF_DIR"
+cat >"$CONF_DIR/10-demo.conflist" <<EOF
 {
   "cniVersion": "1.0.0",
   "name": "demo",
-  "type": "$PLUGIN",
-  "mode": "bridge",
-  "bridge": "tern0",
-  "isGateway": true,
-  "ipMasq": false,
-  "ipam": {
-    "type": "$IPAM",
-    "ranges": [[{"subnet": "10.88.0.0/24"}], [{"subnet": "fd88::/64"}]],
-    "dataDir": "$DATA"
-  }
+  "plugins": [
+    {
+      "type": "$PLUGIN",
+      "mode": "bridge",
+      "bridge": "tern0",
+      "isGateway": true,
+      "ipMasq": false,
+      "ipam": {
+        "type": "$IPAM",
+        "ranges": [[{"subnet": "10.88.0.0/24"}], [{"subnet": "fd88::/64"}]],
+        "dataDir": "$DATA"
+      }
+    }
+  ]
 }
 EOF
-)
 
-# Runs the plugin the way a container runtime does: CNI_* variables, the
-# config on stdin, the result on stdout. It runs inside the node namespace.
-#   cni COMMAND POD_NETNS
-cni() {
+# Runs `tern cni` the way a container runtime runs its CNI library, inside
+# the node namespace (where the plugins then run): network "demo" from the
+# private config dir, plugins from $BIN, results cached under $CACHE.
+#   tern_cni add|del POD
+tern_cni() {
   local command=$1 pod=$2
-  ip netns exec "$NODE" env -i PATH="$PATH" \
-    CNI_COMMAND="$command" CNI_CONTAINERID="$pod" CNI_NETNS="/run/netns/$pod" \
-    CNI_IFNAME=eth0 CNI_PATH="$BIN" \
-    "$BIN/$PLUGIN" <<<"$CONF"
+  local args=(--net demo --conf-dir "$CONF_DIR" --cache-dir "$CACHE" --cni-path "$BIN" --id "$pod")
+  if [ "$command" = add ]; then args+=(--netns "$pod"); fi
+  ip netns exec "$NODE" "$TERN" cni "$command" "${args[@]}"
 }
 
 # Global addresses of eth0 in a pod, e.g. "10.88.0.2/24 fd88::2/64".
@@ -124,12 +135,14 @@ say "network demo: bridge tern0, 10.88.0.0/24 + fd88::/64"
 
 # --- ADD ----------------------------------------------------------------------
 for pod in "${PODS[@]}"; do
-  if ! out=$(cni ADD "$pod"); then
+  if ! out=$(tern_cni add "$pod"); then
     printf '%s\n' "$out" >&2
-    die "ADD $pod"
+    die "tern cni add $pod"
   fi
-  say "ADD $pod: eth0 $(pod_addrs "$pod")"
+  say "tern cni add $pod: eth0 $(pod_addrs "$pod")"
 done
+say "tern cni list:"
+"$TERN" cni list --cache-dir "$CACHE" | sed 's/^/  /'
 
 ip4() { pod_addrs "$1" | tr ' ' '\n' | grep -m1 '\.' | cut -d/ -f1; }
 ip6() { pod_addrs "$1" | tr ' ' '\n' | grep -m1 ':' | cut -d/ -f1; }
@@ -148,19 +161,20 @@ check "pod3 -> node $NODE_IP4:7003" "$P3" "$NODE" "$NODE_IP4" 7003
 
 # --- DEL ----------------------------------------------------------------------
 for pod in "${PODS[@]}"; do
-  if ! out=$(cni DEL "$pod"); then
+  if ! out=$(tern_cni del "$pod"); then
     printf '%s\n' "$out" >&2
-    die "DEL $pod"
+    die "tern cni del $pod"
   fi
 done
-say "DEL ${#PODS[@]} pods"
+say "tern cni del: ${#PODS[@]} pods"
 
 # --- nothing left --------------------------------------------------------------
 veths=$(ip -n "$NODE" -o link show type veth | awk -F': ' '{print $2}' | cut -d@ -f1 | xargs)
 tables=$(ip netns exec "$NODE" nft list tables | xargs)
 reserved=$( (find "$DATA" -type f ! -name lock ! -name 'last_reserved_ip*' 2>/dev/null || true) | xargs)
-say "left in the node netns: veth links: ${veths:-none}; nft tables: ${tables:-none}; IPAM reservations: ${reserved:-none}"
-[ -z "$veths$tables$reserved" ] || die "DEL left something behind"
+cached=$( (find "$CACHE/results" -type f 2>/dev/null || true) | xargs)
+say "left in the node netns: veth links: ${veths:-none}; nft tables: ${tables:-none}; IPAM reservations: ${reserved:-none}; cached results: ${cached:-none}"
+[ -z "$veths$tables$reserved$cached" ] || die "DEL left something behind"
 
 for ns in "${PODS[@]}" "$NODE"; do
   ip netns del "$ns"
