@@ -22,7 +22,7 @@ pub const SPOOF_TABLE: &str = "tern_spoof";
 const LOCK_DIR: &str = "/run/tern/locks";
 
 /// Exclusive lock on nftables changes in the current network namespace.
-fn lock() -> Result<Flock<File>, CniError> {
+pub(crate) fn lock() -> Result<Flock<File>, CniError> {
     let ino = fs::metadata("/proc/thread-self/ns/net").map(|m| m.ino()).unwrap_or(0);
     fs::create_dir_all(LOCK_DIR).map_err(|e| CniError::internal(format!("failed to create {LOCK_DIR}: {e}")))?;
     let path = format!("{LOCK_DIR}/nft-{ino}.lock");
