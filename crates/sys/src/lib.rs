@@ -20,4 +20,5 @@ pub mod sysctl;
 
 pub use error::{Result, SysError};
 pub use netlink::{Family, LinkInfo, Mac, NeighbourInfo, Netlink, RouteInfo, RouteSpec};
+pub use netlink::{QdiscInfo, Tbf};
 pub use netns::NetNs;

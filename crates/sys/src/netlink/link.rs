@@ -36,6 +36,10 @@ pub struct LinkInfo {
     pub hairpin: Option<bool>,
     /// `IFLA_IFALIAS` (`ip link set dev X alias Y`), used to tag links.
     pub alias: Option<String>,
+    /// `IFF_ALLMULTI` as set by the user (`ip link set dev X allmulticast on`).
+    pub allmulti: bool,
+    /// `IFLA_TXQLEN` (`ip link set dev X txqueuelen N`).
+    pub txqlen: u32,
 }
 
 impl LinkInfo {
@@ -52,6 +56,8 @@ impl LinkInfo {
             peer_index: None,
             hairpin: None,
             alias: None,
+            allmulti: m.header.flags.contains(LinkFlags::Allmulti),
+            txqlen: 0,
         };
         let mut link = None;
         for a in &m.attributes {
@@ -62,6 +68,7 @@ impl LinkInfo {
                 LinkAttribute::Controller(v) if *v != 0 => li.master = Some(*v),
                 LinkAttribute::Link(v) => link = Some(*v),
                 LinkAttribute::IfAlias(a) if !a.is_empty() => li.alias = Some(a.clone()),
+                LinkAttribute::TxQueueLen(v) => li.txqlen = *v,
                 LinkAttribute::LinkInfo(infos) => {
                     let mut bridge_port = false;
                     for i in infos {
@@ -189,6 +196,21 @@ impl Netlink {
     /// Create a dummy link (down).
     pub fn create_dummy(&self, name: &str) -> Result<LinkInfo> {
         self.create_simple(name, InfoKind::Dummy, None)
+    }
+
+    /// Create an ifb (intermediate functional block) link, down, with an
+    /// optional alias. [`SysError::Exists`] if a link of that name exists. If
+    /// setting the alias fails the link is deleted again.
+    pub fn create_ifb(&self, name: &str, mtu: Option<u32>, alias: Option<&str>) -> Result<LinkInfo> {
+        let l = self.create_simple(name, InfoKind::Ifb, mtu)?;
+        if let Some(alias) = alias {
+            if let Err(e) = self.set_alias(l.index, alias) {
+                let _ = self.delete_link_index(l.index);
+                return Err(e);
+            }
+            return self.link_after_create(name);
+        }
+        Ok(l)
     }
 
     /// Create a veth pair with one request: `name` in this socket's
@@ -321,6 +343,18 @@ impl Netlink {
     /// `ip link set dev <index> promisc on|off`
     pub fn set_promisc(&self, index: u32, on: bool) -> Result<()> {
         self.set_flag("promisc", index, LinkFlags::Promisc, on)
+    }
+
+    /// `ip link set dev <index> allmulticast on|off`
+    pub fn set_allmulti(&self, index: u32, on: bool) -> Result<()> {
+        self.set_flag("allmulticast", index, LinkFlags::Allmulti, on)
+    }
+
+    /// `ip link set dev <index> txqueuelen <qlen>`
+    pub fn set_txqlen(&self, index: u32, qlen: u32) -> Result<()> {
+        let mut m = LinkMessage::default();
+        m.attributes.push(LinkAttribute::TxQueueLen(qlen));
+        self.setlink(&format!("txqueuelen {qlen}"), m, index)
     }
 
     /// `ip link set dev <index> mtu <mtu>`

@@ -17,6 +17,7 @@ mod addr;
 mod link;
 mod neigh;
 mod route;
+mod tc;
 
 use std::num::NonZeroI32;
 
@@ -31,6 +32,7 @@ use crate::netns::NetNs;
 pub use self::link::LinkInfo;
 pub use self::neigh::NeighbourInfo;
 pub use self::route::{Family, RouteInfo, RouteSpec};
+pub use self::tc::{QdiscInfo, Tbf, INGRESS_HANDLE, TBF_HANDLE, TC_H_INGRESS, TC_H_ROOT};
 
 /// An Ethernet hardware address.
 pub type Mac = [u8; 6];
