@@ -14,7 +14,10 @@ PACKAGES=(
   procps                       # ps/sysctl
   podman                       # a real CNI runtime in the tests (CNI backend)
   runc                         # podman's OCI runtime here (crun refuses mixed cgroups)
-  iperf3                       # throughput in tern bench
+  iperf3                       # throughput in tern bench datapath (latency and connection rate are tern's own client/server)
+  etcd-server                  # /usr/bin/etcd: the cluster datastore in the store/IPAM tests (started per test, loopback)
+  protobuf-compiler            # protoc: etcd-client's build script compiles etcd's protobufs
+  libprotobuf-dev              # google/protobuf/*.proto, which etcd's protobufs import (a Recommends we skip)
 )
 # A C linker for cargo.
 command -v cc >/dev/null 2>&1 || PACKAGES+=(gcc libc6-dev)

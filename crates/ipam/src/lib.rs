@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 pub mod allocator;
+pub mod block;
 pub mod config;
 pub mod range;
 pub mod resolv;

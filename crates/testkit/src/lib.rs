@@ -65,3 +65,5 @@ pub use netns::Netns;
 pub use plugin::{exec_plugin, exec_plugin_env, PluginRun, Plugins, REFERENCE_CNI_DIR};
 pub use process::{spawn_in, ChildGuard};
 pub use tcp::{tcp_ok, tcp_ok_within};
+mod etcd;
+pub use etcd::{Etcd, ETCD_BIN};
