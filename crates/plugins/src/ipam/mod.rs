@@ -1,9 +1,10 @@
 //! tern-ipam: host-local compatible and static address management.
 //!
 //! The IPAM plugin receives the full network config; its own keys live under
-//! `ipam`, where `"allocator"` picks `"host-local"` (the default) or
-//! `"static"`. The allocation logic is the pure `tern-ipam` crate; this
+//! `ipam`, where `"allocator"` picks `"host-local"` (the default),
+//! `"static"` or `"cluster"` (addresses from the node agent, see [`cluster`]). The allocation logic is the pure `tern-ipam` crate; this
 //! module adds the disk store, the resolv.conf read and the verbs.
+pub mod cluster;
 pub mod disk;
 
 use std::net::IpAddr;
@@ -25,6 +26,7 @@ pub struct IpamPlugin;
 enum Allocator {
     HostLocal,
     Static,
+    Cluster,
 }
 
 fn allocator(req: &Request) -> Result<Allocator, CniError> {
@@ -33,8 +35,9 @@ fn allocator(req: &Request) -> Result<Allocator, CniError> {
         None | Some(Value::Null) => Ok(Allocator::HostLocal),
         Some(Value::String(s)) if s == "host-local" => Ok(Allocator::HostLocal),
         Some(Value::String(s)) if s == "static" => Ok(Allocator::Static),
+        Some(Value::String(s)) if s == "cluster" => Ok(Allocator::Cluster),
         Some(other) => Err(CniError::invalid_config(format!(
-            "unknown allocator {other}, expected \"host-local\" or \"static\" (ipam.allocator)"
+            "unknown allocator {other}, expected \"host-local\", \"static\" or \"cluster\" (ipam.allocator)"
         ))),
     }
 }
@@ -52,6 +55,7 @@ fn read_resolv_conf(path: &str) -> Result<tern_cni::Dns, CniError> {
 pub fn release(req: &Request) -> Result<Vec<IpAddr>, CniError> {
     match allocator(req)? {
         Allocator::Static => Ok(Vec::new()),
+        Allocator::Cluster => cluster::release(req),
         Allocator::HostLocal => {
             let data_dir = HostLocalConfig::data_dir_of(&req.conf)?;
             match DiskStore::open_existing(&data_dir, &req.conf.name)? {
@@ -71,6 +75,7 @@ impl Plugin for IpamPlugin {
         req.env.args.check_known(KNOWN_ARGS)?;
         match allocator(req)? {
             Allocator::Static => Ok(StaticConfig::from_conf(&req.conf, &req.env.args)?.result()),
+            Allocator::Cluster => cluster::add(req),
             Allocator::HostLocal => {
                 let cfg = HostLocalConfig::from_conf(&req.conf, &req.env.args)?;
                 // Read before allocating, so a bad path reserves nothing.
@@ -100,6 +105,7 @@ impl Plugin for IpamPlugin {
         let (id, ifname) = (req.env.container_id(), req.env.ifname());
         match allocator(req)? {
             Allocator::Static => StaticConfig::from_conf(&req.conf, &req.env.args)?.check(prev),
+            Allocator::Cluster => cluster::check(req, prev),
             Allocator::HostLocal => {
                 let cfg = HostLocalConfig::from_conf(&req.conf, &req.env.args)?;
                 let reserved = match DiskStore::open_existing(cfg.data_dir(), &cfg.name)? {
@@ -115,6 +121,7 @@ impl Plugin for IpamPlugin {
     fn status(&self, req: &Request) -> Result<(), CniError> {
         match allocator(req)? {
             Allocator::Static => Ok(()),
+            Allocator::Cluster => cluster::status(req),
             Allocator::HostLocal => {
                 let cfg = HostLocalConfig::from_conf(&req.conf, &req.env.args)?;
                 let reservations = match DiskStore::open_existing(cfg.data_dir(), &cfg.name)? {
@@ -130,7 +137,8 @@ impl Plugin for IpamPlugin {
     /// (an empty list releases everything). Without any list there is
     /// nothing to go by, so nothing is released.
     fn gc(&self, req: &Request) -> Result<(), CniError> {
-        if allocator(req)? == Allocator::Static {
+        // cluster: the agent's leak collector owns garbage collection.
+        if matches!(allocator(req)?, Allocator::Static | Allocator::Cluster) {
             return Ok(());
         }
         let Some(valid) = &req.conf.valid_attachments else {

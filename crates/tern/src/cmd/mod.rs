@@ -1,6 +1,7 @@
 //! The command-line tool: one module per subcommand.
 use clap::{Parser, Subcommand};
 
+mod agent;
 mod bench;
 mod cni;
 mod install;
@@ -23,6 +24,8 @@ enum Command {
     Cni(cni::Command),
     /// Measure tern against reference plugins (`tern bench cni`), in throwaway namespaces.
     Bench(bench::Args),
+    /// Run the node agent (node lease, cluster IPAM for tern-ipam's "cluster" allocator) until SIGTERM.
+    Agent(agent::Args),
 }
 
 pub fn run() -> i32 {
@@ -30,6 +33,7 @@ pub fn run() -> i32 {
     let result = match cli.command {
         Command::Install(args) => install::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Agent(args) => agent::run(args),
         Command::Cni(cmd) => cni::run(cmd),
         Command::Plugins => {
             for name in tern_plugins::PLUGIN_NAMES {
