@@ -90,7 +90,8 @@ fn del_with_empty_cni_netns() {
     assert_empty_ok(&node.del(&with_prev(&conf, &res), "ctr", None));
     // Deleting the host end takes the pod end with it; DEL hands that
     // unregister to a background reaper, so it completes shortly after.
-    let gone = tern_testkit::wait_until(std::time::Duration::from_secs(5), || !pod.links().contains(&"eth0".to_string()));
+    let gone =
+        tern_testkit::wait_until(std::time::Duration::from_secs(5), || !pod.links().contains(&"eth0".to_string()));
     assert!(gone, "eth0 still in the pod: {:?}", pod.links());
     assert_released(&node, &conf);
 }
