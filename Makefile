@@ -38,6 +38,7 @@ demo: setup
 bench: setup
 	$(CARGO) build --release
 	$(TERN) bench cni
+	$(TERN) bench datapath
 
 lint:
 	$(CARGO) fmt --all -- --check

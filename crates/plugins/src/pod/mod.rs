@@ -395,7 +395,7 @@ fn setup(
 
     fault::point("host-routes");
     if conf.mode == Mode::Routed {
-        routed_host_side(&host, &hv, &ipam)?;
+        routed_host_side(&host, &hv, pv.mac, &ipam)?;
     }
     if conf.is_gateway || conf.mode == Mode::Routed {
         enable_forwarding(&ipam)?;
@@ -590,9 +590,12 @@ fn routed_pod_routes(pod: &Netlink, index: u32, hv: &LinkInfo, ipam: &CniResult)
     Ok(routes)
 }
 
-/// The node side of a routed pod: a host route per pod address, and proxy
-/// ARP on the veth.
-fn routed_host_side(host: &Netlink, hv: &LinkInfo, ipam: &CniResult) -> Result<(), CniError> {
+/// The node side of a routed pod: a host route and a permanent neighbour
+/// entry per pod address, and proxy ARP on the veth. The neighbour entry
+/// spares the first packet an ARP round and keeps node→pod traffic working
+/// on a node without an IPv4 address of its own (its ARP requests would
+/// carry no usable source).
+fn routed_host_side(host: &Netlink, hv: &LinkInfo, pod_mac: Option<Mac>, ipam: &CniResult) -> Result<(), CniError> {
     if ipam.ips.iter().any(|ip| ip.address.addr().is_ipv4()) {
         sysctl::write(&format!("net/ipv4/conf/{}/proxy_arp", hv.name), "1").map_err(sys("proxy_arp"))?;
         let _ = sysctl::write(&format!("net/ipv4/neigh/{}/proxy_delay", hv.name), "0");
@@ -602,6 +605,9 @@ fn routed_host_side(host: &Netlink, hv: &LinkInfo, ipam: &CniResult) -> Result<(
         spec.oif = Some(hv.index);
         spec.scope_link = true;
         host.replace_route(&spec).map_err(sys(&format!("failed to route {} to {}", ip.address.addr(), hv.name)))?;
+        if let Some(mac) = pod_mac {
+            host.add_neighbour(hv.index, ip.address.addr(), mac).map_err(sys("failed to pin the pod neighbour"))?;
+        }
     }
     Ok(())
 }

@@ -7,8 +7,7 @@
 //! namespace by a lock file, because "delete the table when its last element
 //! goes" must not race an ADD.
 use std::fmt::Write as _;
-use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::MetadataExt;
+use std::fs::File;
 
 use ipnet::IpNet;
 use nix::fcntl::{Flock, FlockArg};
@@ -19,20 +18,15 @@ use tern_sys::nft;
 
 pub const MASQ_TABLE: &str = "tern_masq";
 pub const SPOOF_TABLE: &str = "tern_spoof";
-const LOCK_DIR: &str = "/run/tern/locks";
-
 /// Exclusive lock on nftables changes in the current network namespace.
+///
+/// The lock is taken on the namespace's own nsfs file: every open of it is
+/// the same inode, so processes exclude each other, the lock lives exactly as
+/// long as the namespace, and no lock file is left on disk.
 pub(crate) fn lock() -> Result<Flock<File>, CniError> {
-    let ino = fs::metadata("/proc/thread-self/ns/net").map(|m| m.ino()).unwrap_or(0);
-    fs::create_dir_all(LOCK_DIR).map_err(|e| CniError::internal(format!("failed to create {LOCK_DIR}: {e}")))?;
-    let path = format!("{LOCK_DIR}/nft-{ino}.lock");
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| CniError::internal(format!("failed to open {path}: {e}")))?;
-    Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| CniError::internal(format!("failed to lock {path}: {e}")))
+    const NETNS: &str = "/proc/thread-self/ns/net";
+    let f = File::open(NETNS).map_err(|e| CniError::internal(format!("failed to open {NETNS}: {e}")))?;
+    Flock::lock(f, FlockArg::LockExclusive).map_err(|(_, e)| CniError::internal(format!("failed to lock {NETNS}: {e}")))
 }
 
 fn apply(script: &str) -> Result<(), CniError> {

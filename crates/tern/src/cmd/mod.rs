@@ -22,7 +22,7 @@ enum Command {
     /// Run CNI networks like a container runtime does (libcni/cnitool equivalent).
     #[command(subcommand)]
     Cni(cni::Command),
-    /// Measure tern against reference plugins (`tern bench cni`), in throwaway namespaces.
+    /// Measure tern against native veth and the reference plugins (`bench cni`, `bench datapath`), in throwaway namespaces.
     Bench(bench::Args),
     /// Run the node agent (node lease, cluster IPAM for tern-ipam's "cluster" allocator) until SIGTERM.
     Agent(agent::Args),
