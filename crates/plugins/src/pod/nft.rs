@@ -4,7 +4,7 @@
 //! Per-pod state is one map or set element tagged with the owner tag in its
 //! comment, so ADD costs O(1) rules, lookups are hash lookups, and DEL/GC find
 //! what to remove from the kernel alone. Changes are serialised per network
-//! namespace by a lock file, because "delete the table when its last element
+//! namespace by a flock on the namespace itself, because "delete the table when its last element
 //! goes" must not race an ADD.
 use std::fmt::Write as _;
 use std::fs::File;
