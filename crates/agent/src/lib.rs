@@ -49,6 +49,19 @@ pub struct AgentConfig {
     pub lease_ttl: Duration,
 }
 
+impl AgentConfig {
+    /// A configuration with every optional setting at its default; callers
+    /// change the public fields they care about.
+    pub fn new(
+        node: impl Into<String>,
+        store: Arc<dyn Datastore>,
+        socket: impl Into<PathBuf>,
+        pools: Vec<PoolConfig>,
+    ) -> Self {
+        AgentConfig { node: node.into(), store, socket: socket.into(), pools, lease_ttl: DEFAULT_LEASE_TTL }
+    }
+}
+
 /// `/tern/v1/nodes/<node>`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

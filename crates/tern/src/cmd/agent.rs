@@ -64,14 +64,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         )?),
         DatastoreSpec::Local(_) => spec.open()?,
     };
-    let agent = Agent::start(AgentConfig {
-        node: args.node.clone(),
-        store,
-        socket: args.socket.clone(),
-        pools,
-        lease_ttl: Duration::from_secs(args.lease_ttl.max(1)),
-    })
-    .with_context(|| format!("starting the agent of node {}", args.node))?;
+    let mut config = AgentConfig::new(args.node.clone(), store, args.socket.clone(), pools);
+    config.lease_ttl = Duration::from_secs(args.lease_ttl.max(1));
+    let agent = Agent::start(config).with_context(|| format!("starting the agent of node {}", args.node))?;
     eprintln!(
         "tern agent: node {} ready on {} (datastore {spec}, lease {})",
         args.node,
