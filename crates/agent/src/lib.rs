@@ -19,6 +19,7 @@
 //! runs out.
 pub mod ipam;
 pub mod proto;
+pub mod routing;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};

@@ -40,6 +40,8 @@ pub struct LinkInfo {
     pub allmulti: bool,
     /// `IFLA_TXQLEN` (`ip link set dev X txqueuelen N`).
     pub txqlen: u32,
+    /// For a VXLAN device: its settings.
+    pub vxlan: Option<super::VxlanInfo>,
 }
 
 impl LinkInfo {
@@ -58,6 +60,7 @@ impl LinkInfo {
             alias: None,
             allmulti: m.header.flags.contains(LinkFlags::Allmulti),
             txqlen: 0,
+            vxlan: None,
         };
         let mut link = None;
         for a in &m.attributes {
@@ -74,6 +77,7 @@ impl LinkInfo {
                     for i in infos {
                         match i {
                             NlLinkInfo::Kind(k) => li.kind = Some(k.to_string()),
+                            NlLinkInfo::Data(InfoData::Vxlan(v)) => li.vxlan = Some(super::VxlanInfo::from_infos(v)),
                             NlLinkInfo::PortKind(InfoPortKind::Bridge) => bridge_port = true,
                             NlLinkInfo::PortData(InfoPortData::BridgePort(opts)) => {
                                 bridge_port = true;

@@ -18,6 +18,7 @@ mod link;
 mod neigh;
 mod route;
 mod tc;
+mod vxlan;
 
 use std::num::NonZeroI32;
 
@@ -33,6 +34,7 @@ pub use self::link::LinkInfo;
 pub use self::neigh::NeighbourInfo;
 pub use self::route::{Family, RouteInfo, RouteSpec};
 pub use self::tc::{QdiscInfo, Tbf, INGRESS_HANDLE, TBF_HANDLE, TC_H_INGRESS, TC_H_ROOT};
+pub use self::vxlan::{FdbEntry, VxlanInfo, VxlanSpec};
 
 /// An Ethernet hardware address.
 pub type Mac = [u8; 6];

@@ -65,6 +65,9 @@ pub struct RouteSpec {
     /// `metric` / priority.
     pub metric: Option<u32>,
     pub table: Option<u32>,
+    /// `proto <n>` (`RTPROT_*`): who owns the route. Added routes default to
+    /// `boot`; when set on a deletion only a route of that protocol matches.
+    pub protocol: Option<u8>,
 }
 
 impl RouteSpec {
@@ -82,6 +85,7 @@ impl RouteSpec {
             advmss: None,
             metric: None,
             table: None,
+            protocol: None,
         }
     }
 
@@ -141,6 +145,12 @@ impl RouteSpec {
         self
     }
 
+    /// `proto <protocol>`
+    pub fn with_protocol(mut self, protocol: u8) -> Self {
+        self.protocol = Some(protocol);
+        self
+    }
+
     /// `table <table>`
     pub fn in_table(mut self, table: u32) -> Self {
         self.table = Some(table);
@@ -171,6 +181,9 @@ impl std::fmt::Display for RouteSpec {
         }
         if let Some(t) = self.table {
             write!(f, " table {t}")?;
+        }
+        if let Some(p) = self.protocol {
+            write!(f, " proto {p}")?;
         }
         if self.onlink {
             write!(f, " onlink")?;
@@ -277,7 +290,7 @@ fn route_msg(r: &RouteSpec, purpose: Purpose) -> Result<RouteMessage> {
     h.table = u8::try_from(table).unwrap_or(RouteHeader::RT_TABLE_UNSPEC);
     match purpose {
         Purpose::Add => {
-            h.protocol = RouteProtocol::Boot;
+            h.protocol = r.protocol.map(RouteProtocol::from).unwrap_or(RouteProtocol::Boot);
             h.scope = if r.scope_link { RouteScope::Link } else { RouteScope::Universe };
             h.kind = RouteType::Unicast;
             if r.onlink {
@@ -285,8 +298,9 @@ fn route_msg(r: &RouteSpec, purpose: Purpose) -> Result<RouteMessage> {
             }
         }
         Purpose::Delete => {
-            // Match any protocol, scope and type, like `ip route del`.
-            h.protocol = RouteProtocol::Unspec;
+            // Match any scope and type, and any protocol unless one is
+            // given, like `ip route del`.
+            h.protocol = r.protocol.map(RouteProtocol::from).unwrap_or(RouteProtocol::Unspec);
             h.scope = RouteScope::NoWhere;
             h.kind = RouteType::Unspec;
         }

@@ -1,0 +1,525 @@
+//! Cross-node routing on this node's kernel: the VXLAN device, and the
+//! routes, neighbours and FDB entries that [`tern_routing::plan`] asks for.
+//!
+//! [`Router::reconcile`] reads what tern owns in the kernel (routes of
+//! protocol [`ROUTE_PROTOCOL`] in the main table, permanent neighbours and
+//! FDB entries on tern's VXLAN device), diffs it with the plan and applies
+//! only the difference: entries that are right are never touched, so a
+//! restarted agent changes nothing while the cluster is unchanged and pod
+//! traffic does not notice it. Nothing outside tern's protocol and device is
+//! read for removal.
+//!
+//! The VXLAN device's MAC is derived from the node name, so it is the same
+//! across agent restarts and re-creations and peers' FDB entries stay valid.
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use tern_routing::{
+    diff, plan, Actual, Changes, Dev, Fdb, Mode, Neighbour, NodeView, PeerPath, PlanError, Route, Vtep,
+};
+use tern_routing::{DEFAULT_VNI, DEFAULT_VXLAN_PORT, ROUTE_PROTOCOL};
+use tern_store::Datastore;
+use tern_sys::netlink::{Family, VxlanSpec};
+use tern_sys::{LinkInfo, Mac, Netlink, RouteSpec, SysError};
+
+/// tern's VXLAN device name.
+pub const VXLAN_DEVICE: &str = "tern.vxlan";
+
+/// Cross-node routing settings (the agent config file's `routing` section).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RoutingConfig {
+    pub mode: Mode,
+    /// The interface the node's underlay address is on.
+    pub underlay_interface: String,
+    #[serde(default = "default_vni")]
+    pub vni: u32,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// MTU of the VXLAN device; default: the underlay's minus the
+    /// encapsulation overhead.
+    #[serde(default)]
+    pub mtu: Option<u32>,
+    /// Full resync with the kernel at least this often, whatever the watch says.
+    #[serde(default = "default_resync", with = "seconds")]
+    pub resync: Duration,
+}
+
+fn default_vni() -> u32 {
+    DEFAULT_VNI
+}
+fn default_port() -> u16 {
+    DEFAULT_VXLAN_PORT
+}
+fn default_resync() -> Duration {
+    Duration::from_secs(30)
+}
+
+mod seconds {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_secs())
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        Ok(Duration::from_secs(u64::deserialize(d)?))
+    }
+}
+
+impl RoutingConfig {
+    pub fn new(mode: Mode, underlay_interface: impl Into<String>) -> RoutingConfig {
+        RoutingConfig {
+            mode,
+            underlay_interface: underlay_interface.into(),
+            vni: DEFAULT_VNI,
+            port: DEFAULT_VXLAN_PORT,
+            mtu: None,
+            resync: default_resync(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RoutingError {
+    #[error("{0}")]
+    Sys(#[from] SysError),
+    #[error("underlay interface {0:?} does not exist")]
+    NoUnderlay(String),
+    #[error("underlay interface {0:?} has no global address")]
+    NoUnderlayAddress(String),
+    #[error(
+        "link {VXLAN_DEVICE:?} exists with other settings (vni {vni:?}, port {port:?}, local {local:?}); expected vni {want_vni}, port {want_port}, local {want_local}"
+    )]
+    VxlanMismatch {
+        vni: Option<u32>,
+        port: Option<u16>,
+        local: Option<IpAddr>,
+        want_vni: u32,
+        want_port: u16,
+        want_local: IpAddr,
+    },
+}
+
+/// What one reconcile did.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReconcileReport {
+    pub added: usize,
+    pub removed: usize,
+    /// Peers the plan could not route, and why.
+    pub unroutable: Vec<String>,
+    /// Entries the kernel refused (the next reconcile tries again).
+    pub failed: Vec<String>,
+    pub paths: Vec<(String, PeerPath)>,
+}
+
+/// The node's kernel side of cross-node routing.
+pub struct Router {
+    nl: Netlink,
+    config: RoutingConfig,
+    node: String,
+    underlay: LinkInfo,
+    underlay_addr: IpNet,
+    vxlan: Option<LinkInfo>,
+}
+
+/// A locally administered unicast MAC from the node name (stable across
+/// restarts, distinct per node with overwhelming probability).
+pub fn vtep_mac(node: &str) -> Mac {
+    // FNV-1a: stable across Rust versions, unlike DefaultHasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in node.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    let b = h.to_be_bytes();
+    [0x02, b[1], b[2], b[3], b[4], b[5]]
+}
+
+impl Router {
+    /// Finds the underlay interface and its address (IPv4 preferred) in the
+    /// current network namespace. Creates nothing yet.
+    pub fn new(node: &str, config: RoutingConfig) -> Result<Router, RoutingError> {
+        let nl = Netlink::new()?;
+        let underlay = nl
+            .link(&config.underlay_interface)?
+            .ok_or_else(|| RoutingError::NoUnderlay(config.underlay_interface.clone()))?;
+        let addrs = nl.addresses(Some(underlay.index))?;
+        let global = |a: &IpNet| match a.addr() {
+            IpAddr::V4(v) => !v.is_loopback() && !v.is_link_local(),
+            IpAddr::V6(v) => !v.is_loopback() && (v.segments()[0] & 0xffc0) != 0xfe80,
+        };
+        let underlay_addr = addrs
+            .iter()
+            .map(|(_, a)| *a)
+            .filter(global)
+            .min_by_key(|a| a.addr().is_ipv6())
+            .ok_or_else(|| RoutingError::NoUnderlayAddress(config.underlay_interface.clone()))?;
+        let vxlan = nl.link(VXLAN_DEVICE)?;
+        Ok(Router { nl, config, node: node.to_string(), underlay, underlay_addr, vxlan })
+    }
+
+    /// The node's underlay address with its subnet prefix.
+    pub fn underlay(&self) -> IpNet {
+        self.underlay_addr
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.config.mode
+    }
+
+    /// Whether this node needs a VXLAN device at all.
+    pub fn wants_vxlan(&self) -> bool {
+        self.config.mode != Mode::Direct
+    }
+
+    /// Creates the VXLAN device if missing (an existing one with the same
+    /// settings is kept as it is), puts `tunnel_ips` on it as host
+    /// addresses, brings it up, and returns the node's VTEP.
+    pub fn ensure_vtep(&mut self, tunnel_ips: &[IpAddr]) -> Result<Vtep, RoutingError> {
+        let mac = vtep_mac(&self.node);
+        let want_local = self.underlay_addr.addr();
+        let link = match self.nl.link(VXLAN_DEVICE)? {
+            Some(l) => {
+                let v = l.vxlan.clone();
+                let ok = v.as_ref().is_some_and(|v| {
+                    v.vni == Some(self.config.vni) && v.port == Some(self.config.port) && v.local == Some(want_local)
+                });
+                if !ok {
+                    return Err(RoutingError::VxlanMismatch {
+                        vni: v.as_ref().and_then(|v| v.vni),
+                        port: v.as_ref().and_then(|v| v.port),
+                        local: v.as_ref().and_then(|v| v.local),
+                        want_vni: self.config.vni,
+                        want_port: self.config.port,
+                        want_local,
+                    });
+                }
+                if l.mac != Some(mac) {
+                    self.nl.set_mac(l.index, mac)?;
+                }
+                l
+            }
+            None => {
+                let mtu =
+                    self.config.mtu.unwrap_or_else(|| tern_routing::vxlan_mtu(self.underlay.mtu, want_local.is_ipv6()));
+                self.nl.create_vxlan(&VxlanSpec {
+                    name: VXLAN_DEVICE.into(),
+                    vni: self.config.vni,
+                    port: self.config.port,
+                    local: want_local,
+                    underlay_index: Some(self.underlay.index),
+                    mtu: Some(mtu),
+                    mac: Some(mac),
+                })?
+            }
+        };
+        let have: BTreeSet<IpNet> = self.nl.addresses(Some(link.index))?.into_iter().map(|(_, a)| a).collect();
+        for ip in tunnel_ips {
+            let host = IpNet::new(*ip, if ip.is_ipv4() { 32 } else { 128 }).expect("host prefix");
+            if !have.contains(&host) {
+                self.nl.add_address(link.index, host, true)?;
+            }
+        }
+        if !link.up {
+            self.nl.set_up(link.index)?;
+        }
+        self.vxlan = self.nl.link(VXLAN_DEVICE)?;
+        Ok(Vtep { mac, ips: tunnel_ips.to_vec() })
+    }
+
+    fn dev_of(&self, oif: Option<u32>) -> Option<Dev> {
+        match oif {
+            Some(i) if i == self.underlay.index => Some(Dev::Underlay),
+            Some(i) if self.vxlan.as_ref().is_some_and(|v| v.index == i) => Some(Dev::Vxlan),
+            _ => None,
+        }
+    }
+
+    /// tern's entries in the kernel, and tern-protocol routes on devices
+    /// tern no longer uses (always stale).
+    fn actual(&self) -> Result<(Actual, Vec<RouteSpec>), RoutingError> {
+        let mut actual = Actual::default();
+        let mut strays = Vec::new();
+        for fam in [Family::V4, Family::V6] {
+            for r in self.nl.routes(fam)? {
+                if r.proto != ROUTE_PROTOCOL {
+                    continue;
+                }
+                match (self.dev_of(r.oif), r.gw) {
+                    (Some(dev), Some(via)) => {
+                        actual.routes.insert(Route { dst: r.dst, via, dev, onlink: dev == Dev::Vxlan });
+                    }
+                    _ => {
+                        let mut s = RouteSpec::new(r.dst).with_protocol(ROUTE_PROTOCOL);
+                        if let Some(gw) = r.gw {
+                            s = s.via(gw);
+                        }
+                        if let Some(oif) = r.oif {
+                            s = s.dev(oif);
+                        }
+                        strays.push(s);
+                    }
+                }
+            }
+        }
+        if let Some(vx) = &self.vxlan {
+            for n in self.nl.neighbours(Some(vx.index))? {
+                if let (true, Some(mac)) = (n.permanent, n.mac) {
+                    actual.neighbours.insert(Neighbour { ip: n.ip, mac });
+                }
+            }
+            for f in self.nl.fdb(vx.index)? {
+                if let (true, Some(dst)) = (f.permanent, f.dst) {
+                    actual.fdb.insert(Fdb { mac: f.mac, dst });
+                }
+            }
+        }
+        Ok((actual, strays))
+    }
+
+    fn route_spec(&self, r: &Route) -> Option<RouteSpec> {
+        let oif = match r.dev {
+            Dev::Underlay => self.underlay.index,
+            Dev::Vxlan => self.vxlan.as_ref()?.index,
+        };
+        let mut s = RouteSpec::new(r.dst).via(r.via).dev(oif).with_protocol(ROUTE_PROTOCOL);
+        if r.onlink {
+            s = s.with_onlink();
+        }
+        Some(s)
+    }
+
+    fn apply(&self, ch: &Changes, strays: &[RouteSpec], report: &mut ReconcileReport) {
+        let mut fail = |what: String, e: SysError| report.failed.push(format!("{what}: {e}"));
+        // Removals: routes first, so none points at a vanishing next hop.
+        let mut removed = 0;
+        for s in strays {
+            match self.nl.del_route(s) {
+                Ok(_) => removed += 1,
+                Err(e) => fail(format!("remove stale route {s}"), e),
+            }
+        }
+        for r in &ch.remove.routes {
+            if let Some(s) = self.route_spec(r) {
+                match self.nl.del_route(&s) {
+                    Ok(_) => removed += 1,
+                    Err(e) => fail(format!("remove route {s}"), e),
+                }
+            }
+        }
+        if let Some(vx) = &self.vxlan {
+            for n in &ch.remove.neighbours {
+                match self.nl.del_neighbour(vx.index, n.ip) {
+                    Ok(_) => removed += 1,
+                    Err(e) => fail(format!("remove neighbour {}", n.ip), e),
+                }
+            }
+            for f in &ch.remove.fdb {
+                match self.nl.del_fdb(vx.index, f.mac, f.dst) {
+                    Ok(_) => removed += 1,
+                    Err(e) => fail(format!("remove fdb entry for {}", f.dst), e),
+                }
+            }
+        }
+        // Additions: the FDB and neighbours before the routes that use them.
+        let mut added = 0;
+        if let Some(vx) = &self.vxlan {
+            for f in &ch.add.fdb {
+                match self.nl.add_fdb(vx.index, f.mac, f.dst) {
+                    Ok(()) => added += 1,
+                    Err(e) => fail(format!("add fdb entry for {}", f.dst), e),
+                }
+            }
+            for n in &ch.add.neighbours {
+                match self.nl.add_neighbour(vx.index, n.ip, n.mac) {
+                    Ok(()) => added += 1,
+                    Err(e) => fail(format!("add neighbour {}", n.ip), e),
+                }
+            }
+        }
+        for r in &ch.add.routes {
+            match self.route_spec(r) {
+                Some(s) => match self.nl.replace_route(&s) {
+                    Ok(()) => added += 1,
+                    Err(e) => fail(format!("add route {s}"), e),
+                },
+                None => fail(format!("add route {}", r.dst), SysError::NotFound(format!("link {VXLAN_DEVICE:?}"))),
+            }
+        }
+        report.added += added;
+        report.removed += removed;
+    }
+
+    /// Makes the kernel match the plan for `local` and `peers`.
+    pub fn reconcile(&mut self, local: &NodeView, peers: &[NodeView]) -> Result<ReconcileReport, RoutingError> {
+        // The device may have been deleted behind our back.
+        self.vxlan = self.nl.link(VXLAN_DEVICE)?;
+        let p = plan(local, peers, self.config.mode);
+        let (actual, strays) = self.actual()?;
+        let changes = diff(&p.desired, &actual);
+        let mut report = ReconcileReport {
+            unroutable: p.errors.iter().map(PlanError::to_string).collect(),
+            paths: p.paths.clone(),
+            ..Default::default()
+        };
+        if !changes.is_empty() || !strays.is_empty() {
+            self.apply(&changes, &strays, &mut report);
+        }
+        Ok(report)
+    }
+
+    /// Removes everything tern owns for cross-node routing (the VXLAN device
+    /// with its neighbours and FDB, and every tern-protocol route).
+    pub fn teardown(&mut self) -> Result<(), RoutingError> {
+        self.vxlan = self.nl.link(VXLAN_DEVICE)?;
+        let (actual, strays) = self.actual()?;
+        let mut report = ReconcileReport::default();
+        self.apply(&diff(&Actual::default(), &actual), &strays, &mut report);
+        if let Some(vx) = self.vxlan.take() {
+            self.nl.delete_link_index(vx.index)?;
+        }
+        Ok(())
+    }
+}
+
+/// Where nodes publish how to reach them: `/tern/v1/routing/<node>`.
+///
+/// Separate from the node's lease-bound record on purpose: an agent that
+/// restarts (or dies) does not take its node's pods off the network. Peers
+/// keep routing to a node's blocks as long as its routing record exists; it
+/// is withdrawn when the node leaves the cluster for good
+/// ([`withdraw`], `tern agent --leave`), or by IPAM GC once every block of a
+/// dead node has been reclaimed.
+pub const ROUTING_PREFIX: &str = "/tern/v1/routing/";
+
+/// `/tern/v1/routing/<node>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RoutingRecord {
+    pub name: String,
+    pub underlay: IpNet,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vtep: Option<Vtep>,
+    pub mode: Mode,
+}
+
+fn routing_key(node: &str) -> Result<String, tern_store::StoreError> {
+    Ok(format!("{ROUTING_PREFIX}{}", tern_store::keys::component("node name", node)?))
+}
+
+/// Writes (or refreshes) the node's routing record.
+pub fn publish(store: &dyn Datastore, rec: &RoutingRecord) -> Result<(), tern_store::StoreError> {
+    let key = routing_key(&rec.name)?;
+    let value = serde_json::to_vec(rec).expect("routing record serialises");
+    if store.get(&key)?.is_some_and(|kv| kv.value == value) {
+        return Ok(()); // unchanged: no event for every peer
+    }
+    store.put(&key, &value, None)?;
+    Ok(())
+}
+
+/// Removes the node's routing record: every peer drops its routes to it.
+pub fn withdraw(store: &dyn Datastore, node: &str) -> Result<bool, tern_store::StoreError> {
+    store.delete(&routing_key(node)?)
+}
+
+/// Every node that publishes a routing record, with the blocks it owns.
+pub fn cluster_views(store: &dyn Datastore) -> Result<Vec<NodeView>, tern_store::StoreError> {
+    let mut views: Vec<NodeView> = Vec::new();
+    for kv in store.list(ROUTING_PREFIX)?.kvs {
+        // A record that does not parse is skipped, not fatal: one bad
+        // record must not take routing down for the whole cluster.
+        let Ok(rec) = serde_json::from_slice::<RoutingRecord>(&kv.value) else {
+            continue;
+        };
+        views.push(NodeView { name: rec.name, underlay: rec.underlay, vtep: rec.vtep, blocks: Vec::new() });
+    }
+    for b in tern_store::ipam::list_blocks(store)? {
+        if let Some(v) = views.iter_mut().find(|v| v.name == b.value.node) {
+            v.blocks.push(b.value.cidr());
+        }
+    }
+    Ok(views)
+}
+
+/// The routing loop of a node: reconciles the kernel with the datastore at
+/// start, on every change to routing records or block affinities (within
+/// tens of milliseconds), and every `resync` regardless. While the store is
+/// unreachable the kernel is left exactly as it is.
+pub fn run(store: &dyn Datastore, node: &str, router: &mut Router, stopping: &dyn Fn() -> bool) {
+    let resync = router.config.resync;
+    let mut watches: Option<(tern_store::Watch, tern_store::Watch)> = None;
+    let mut last_problem: Option<String> = None;
+    let mut last_unroutable: Vec<String> = Vec::new();
+    while !stopping() {
+        if watches.is_none() {
+            watches = store
+                .watch(ROUTING_PREFIX, None)
+                .and_then(|a| Ok((a, store.watch(tern_store::keys::IPAM_AFFINITY, None)?)))
+                .ok();
+        }
+        let outcome = cluster_views(store).map_err(|e| e.to_string()).and_then(|views| {
+            let local = views
+                .iter()
+                .find(|v| v.name == node)
+                .cloned()
+                .ok_or_else(|| format!("node {node} has no routing record in the datastore yet"))?;
+            router.reconcile(&local, &views).map_err(|e| e.to_string())
+        });
+        match outcome {
+            Ok(rep) => {
+                if last_problem.take().is_some() {
+                    eprintln!("tern agent: node {node}: routing reconciled again");
+                }
+                if rep.unroutable != last_unroutable {
+                    for u in &rep.unroutable {
+                        eprintln!("tern agent: node {node}: routing: {u}");
+                    }
+                    last_unroutable = rep.unroutable.clone();
+                }
+                for f in &rep.failed {
+                    eprintln!("tern agent: node {node}: routing: {f}");
+                }
+            }
+            Err(e) => {
+                if last_problem.as_deref() != Some(&e) {
+                    eprintln!("tern agent: node {node}: routing not reconciled: {e}");
+                }
+                last_problem = Some(e);
+            }
+        }
+        // Wait for a change, the resync period, or the stop.
+        let deadline = std::time::Instant::now() + resync;
+        let mut changed = false;
+        while !changed && !stopping() && std::time::Instant::now() < deadline {
+            let mut ended = false;
+            match &watches {
+                Some((a, b)) => {
+                    for w in [a, b] {
+                        match w.recv_timeout(Duration::from_millis(25)) {
+                            Some(Ok(_)) => changed = true,
+                            Some(Err(_)) => ended = true,
+                            None => {}
+                        }
+                    }
+                }
+                None => ended = true,
+            }
+            if ended {
+                // No watch (store away, or it ended): poll until it is back.
+                watches = None;
+                changed = true;
+                std::thread::sleep(Duration::from_millis(250));
+            }
+        }
+        if let Some((a, b)) = &watches {
+            // Coalesce a burst (a node joining writes several keys).
+            std::thread::sleep(Duration::from_millis(10));
+            let _ = (a.drain(), b.drain());
+        }
+    }
+}
