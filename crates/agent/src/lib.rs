@@ -5,6 +5,9 @@
 //!    ([`tern_store::keys::ensure_schema`], [`tern_store::ipam::ensure_pool`]),
 //!    repairs the node's affinity index, and loads the node's blocks
 //!    ([`ipam::NodeIpam`]): a restarted agent knows every address its pods hold;
+//!    the node-local journal ([`journal`], under [`AgentConfig::state_dir`])
+//!    of changes answered but not yet written to the store (warm-pool
+//!    assignments, releases while the store was down) is replayed over them;
 //! 2. registers the node at `/tern/v1/nodes/<node>` under a lease of
 //!    [`AgentConfig::lease_ttl`] and keeps the lease alive on a thread (every
 //!    third of the TTL); if the lease is lost (the store was away longer than
@@ -13,12 +16,32 @@
 //!    connection, every request answered from the one store client the
 //!    agent holds (no connection per pod).
 //!
+//! 4. runs the IPAM reconciler ([`warm`]): it writes journaled changes to
+//!    the store (each exactly once in effect: an op checks the block before
+//!    changing it), keeps the warm pool at [`AgentConfig::warm`]'s targets,
+//!    and notices when an unreachable store is back. With a warm pool an ADD
+//!    is answered from node-local state and never waits for the store; while
+//!    the store is down, ADDs the pool cannot serve fail as `unavailable`
+//!    (CNI 11) naming the store, and DELs succeed and are applied later.
+//!
+//! 5. records every allocation's endpoint ([`endpoints`]: by handle, and by
+//!    pod when the plugin sent `K8S_POD_NAMESPACE`/`K8S_POD_NAME`) and deletes
+//!    it on release, through a queue a writer thread applies in order (so no
+//!    ADD waits for it); and runs the collector ([`gc`], every
+//!    [`AgentConfig::gc`] interval): empty blocks and dead nodes' blocks
+//!    released, leaked addresses freed, each after its grace period and a
+//!    re-check.
+//!
 //! Dropping the [`Agent`] (or [`Agent::shutdown`]) stops serving, removes the
 //! socket and revokes the lease, so the node disappears from
 //! `/tern/v1/nodes/` at once; a killed agent's node disappears when the lease
 //! runs out.
+pub mod endpoints;
+pub mod gc;
 pub mod ipam;
+pub mod journal;
 pub mod proto;
+pub mod warm;
 pub mod routing;
 
 use std::io::{BufRead, BufReader, Write};
@@ -33,13 +56,27 @@ use serde::{Deserialize, Serialize};
 use tern_store::ipam::{ensure_pool, reconcile_affinities};
 use tern_store::{keys, Datastore, LeaseId, StoreError};
 
-pub use ipam::{NodeIpam, OpError, PoolConfig};
+pub use ipam::{IpamOptions, NodeIpam, OpError, PoolConfig};
+pub use warm::{WarmConfig, WARM_HANDLE_PREFIX};
+pub use endpoints::{EndpointInfo, EndpointRecord, Endpoints};
+pub use gc::{GcConfig, GcReport};
 use proto::{ErrorKind, Request, Response};
+
+/// Whether `handle` is one of a node's own addresses rather than a pod's:
+/// its warm pool (`@warm/<node>/...`) or its VXLAN tunnel address
+/// (`@tunnel/<node>`). CNI handles start with the network name, which
+/// cannot start with `@`; the leak collector never frees these while their
+/// node lives.
+pub fn is_node_internal(handle: &str) -> bool {
+    handle.starts_with('@')
+}
 
 /// Where the agent listens unless told otherwise (tern-ipam's default too).
 pub const DEFAULT_SOCKET: &str = "/run/tern/agent.sock";
 /// The node lease's default TTL.
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
+/// Where the agent keeps node-local state (the IPAM journal) by default.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/tern/agent";
 
 #[derive(Clone)]
 pub struct AgentConfig {
@@ -48,6 +85,17 @@ pub struct AgentConfig {
     pub socket: PathBuf,
     pub pools: Vec<PoolConfig>,
     pub lease_ttl: Duration,
+    /// The warm pool's targets (default 0/0: no warm pool).
+    pub warm: WarmConfig,
+    /// Node-local state: the IPAM journal (default [`DEFAULT_STATE_DIR`]).
+    pub state_dir: PathBuf,
+    /// Never borrow addresses from other nodes' blocks (default false).
+    pub strict_affinity: bool,
+    /// The collector's interval and grace periods ([`GcConfig::default`]).
+    pub gc: GcConfig,
+    /// Cross-node routing ([`routing`]); `None`: this node routes nothing
+    /// to other nodes (a single-node cluster).
+    pub routing: Option<routing::RoutingConfig>,
 }
 
 impl AgentConfig {
@@ -59,7 +107,18 @@ impl AgentConfig {
         socket: impl Into<PathBuf>,
         pools: Vec<PoolConfig>,
     ) -> Self {
-        AgentConfig { node: node.into(), store, socket: socket.into(), pools, lease_ttl: DEFAULT_LEASE_TTL }
+        AgentConfig {
+            node: node.into(),
+            store,
+            socket: socket.into(),
+            pools,
+            lease_ttl: DEFAULT_LEASE_TTL,
+            warm: WarmConfig::default(),
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+            strict_affinity: false,
+            gc: GcConfig::default(),
+            routing: None,
+        }
     }
 }
 
@@ -84,6 +143,8 @@ pub enum AgentError {
     Ipam(#[from] tern_store::ipam::IpamError),
     #[error("socket {path}: {err}")]
     Socket { path: PathBuf, err: std::io::Error },
+    #[error("cross-node routing: {0}")]
+    Routing(String),
 }
 
 impl AgentError {
@@ -92,7 +153,7 @@ impl AgentError {
             AgentError::Store(e) => e.is_unavailable(),
             AgentError::Op(e) => e.kind == ErrorKind::Unavailable,
             AgentError::Ipam(e) => e.is_unavailable(),
-            AgentError::Socket { .. } => false,
+            AgentError::Socket { .. } | AgentError::Routing(_) => false,
         }
     }
 }
@@ -110,6 +171,10 @@ impl Stop {
         self.cv.notify_all();
     }
 
+    fn is_stopped(&self) -> bool {
+        *self.stopped.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Sleeps up to `d`; whether the agent is stopping.
     fn wait(&self, d: Duration) -> bool {
         let g = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
@@ -124,6 +189,7 @@ pub struct Agent {
     store: Arc<dyn Datastore>,
     socket: PathBuf,
     ipam: Arc<NodeIpam>,
+    endpoints: Arc<Endpoints>,
     lease: Arc<Mutex<Option<LeaseId>>>,
     stop: Arc<Stop>,
     accepting: Arc<AtomicBool>,
@@ -145,7 +211,8 @@ fn register(store: &dyn Datastore, key: &str, value: &[u8], ttl: Duration) -> Re
 
 impl Agent {
     pub fn start(config: AgentConfig) -> Result<Agent, AgentError> {
-        let AgentConfig { node, store, socket, pools, lease_ttl } = config;
+        let AgentConfig { node, store, socket, pools, lease_ttl, warm, state_dir, strict_affinity, gc, routing } =
+            config;
         let node_key = keys::node(&node)?;
         keys::ensure_schema(&*store)?;
         for p in &pools {
@@ -158,7 +225,23 @@ impl Agent {
             started_at: unix_now(),
             agent_pid: std::process::id(),
         };
-        let ipam = Arc::new(NodeIpam::load(store.clone(), &node, pools)?);
+        let ipam_opts = IpamOptions { warm, strict_affinity, state_dir: Some(state_dir) };
+        let pool_cidrs: Vec<ipnet::IpNet> = pools.iter().map(|p| p.pool.cidr()).collect();
+        let ipam = Arc::new(NodeIpam::open(store.clone(), &node, pools, ipam_opts)?);
+        // Cross-node routing is set up before the node registers, so peers
+        // never see a half-made node. The VTEP's tunnel addresses come from
+        // the node's own blocks (idempotent per handle: a restart keeps them).
+        let router = match routing {
+            Some(cfg) => Some(
+                routing::setup(&*store, &node, cfg, &pool_cidrs, || {
+                    ipam.allocate(&routing::tunnel_handle(&node), &[])
+                        .map(|a| a.into_iter().map(|a| a.address).collect())
+                        .map_err(|e| format!("tunnel address: {e}"))
+                })
+                .map_err(AgentError::Routing)?,
+            ),
+            None => None,
+        };
 
         // The socket first: a stale file of a dead agent is replaced, a live agent is not.
         if let Some(dir) = socket.parent() {
@@ -192,16 +275,46 @@ impl Agent {
                     .expect("spawn lease thread"),
             );
         }
+        let endpoints = Arc::new(Endpoints::new(store.clone(), &node));
         {
-            let (ipam, accepting) = (ipam.clone(), accepting.clone());
+            let (ipam, endpoints, accepting) = (ipam.clone(), endpoints.clone(), accepting.clone());
             threads.push(
                 std::thread::Builder::new()
                     .name("tern-agent-api".into())
-                    .spawn(move || serve(listener, ipam, accepting))
+                    .spawn(move || serve(listener, ipam, endpoints, accepting))
                     .expect("spawn api thread"),
             );
         }
-        Ok(Agent { node, store, socket, ipam, lease, stop, accepting, threads })
+        {
+            // The collector thread stops the writer when it ends.
+            let (store, endpoints, stop, node) = (store.clone(), endpoints.clone(), stop.clone(), node.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name("tern-agent-gc".into())
+                    .spawn(move || gc::run_loop(&*store, &node, &gc, &endpoints, &|d| stop.wait(d)))
+                    .expect("spawn gc thread"),
+            );
+        }
+        {
+            let endpoints = endpoints.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name("tern-agent-endpoints".into())
+                    .spawn(move || endpoints.run_writer())
+                    .expect("spawn endpoint writer thread"),
+            );
+        }
+        threads.push(warm::spawn(ipam.clone()));
+        if let Some(mut router) = router {
+            let (store, stop, node) = (store.clone(), stop.clone(), node.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name("tern-agent-routing".into())
+                    .spawn(move || routing::run(&*store, &node, &mut router, &|| stop.is_stopped()))
+                    .expect("spawn routing thread"),
+            );
+        }
+        Ok(Agent { node, store, socket, ipam, endpoints, lease, stop, accepting, threads })
     }
 
     pub fn node(&self) -> &str {
@@ -214,6 +327,11 @@ impl Agent {
 
     pub fn ipam(&self) -> &NodeIpam {
         &self.ipam
+    }
+
+    /// The endpoint record writer (its queue of writes the store did not take).
+    pub fn endpoints(&self) -> &Endpoints {
+        &self.endpoints
     }
 
     /// The lease the node is registered under right now.
@@ -232,6 +350,7 @@ impl Agent {
             return Ok(());
         }
         self.stop.stop();
+        self.ipam.stop_background();
         self.accepting.store(false, Ordering::SeqCst);
         // Wake the accept loop.
         let _ = UnixStream::connect(&self.socket);
@@ -301,18 +420,20 @@ fn keepalive(
     // A registration that raced with the stop is revoked by stop_inner via `lease`.
 }
 
-fn serve(listener: UnixListener, ipam: Arc<NodeIpam>, accepting: Arc<AtomicBool>) {
+fn serve(listener: UnixListener, ipam: Arc<NodeIpam>, endpoints: Arc<Endpoints>, accepting: Arc<AtomicBool>) {
     for conn in listener.incoming() {
         if !accepting.load(Ordering::SeqCst) {
             break;
         }
         let Ok(conn) = conn else { continue };
-        let ipam = ipam.clone();
-        let _ = std::thread::Builder::new().name("tern-agent-conn".into()).spawn(move || handle_conn(conn, &ipam));
+        let (ipam, endpoints) = (ipam.clone(), endpoints.clone());
+        let _ = std::thread::Builder::new()
+            .name("tern-agent-conn".into())
+            .spawn(move || handle_conn(conn, &ipam, &endpoints));
     }
 }
 
-fn handle_conn(conn: UnixStream, ipam: &NodeIpam) {
+fn handle_conn(conn: UnixStream, ipam: &NodeIpam, endpoints: &Endpoints) {
     let Ok(mut out) = conn.try_clone() else { return };
     let reader = BufReader::new(conn);
     for line in reader.lines() {
@@ -321,7 +442,7 @@ fn handle_conn(conn: UnixStream, ipam: &NodeIpam) {
             continue;
         }
         let resp = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => answer(ipam, req),
+            Ok(req) => answer_and_record(ipam, endpoints, req),
             Err(e) => Response::error(ErrorKind::Invalid, format!("bad request: {e}")),
         };
         let mut text = serde_json::to_string(&resp).expect("response serialises");
@@ -332,11 +453,34 @@ fn handle_conn(conn: UnixStream, ipam: &NodeIpam) {
     }
 }
 
+/// [`answer`], keeping the endpoint records in step: written after a
+/// successful allocate, deleted after a successful release, both queued
+/// for the endpoint writer before the answer goes out ([`endpoints`]).
+pub fn answer_and_record(ipam: &NodeIpam, endpoints: &Endpoints, req: Request) -> Response {
+    let record = match &req {
+        Request::Allocate { handle, endpoint, .. } => Some((handle.clone(), Some(endpoint.clone()))),
+        Request::Release { handle } => Some((handle.clone(), None)),
+        _ => None,
+    };
+    let resp = answer(ipam, req);
+    if resp.ok {
+        match record {
+            Some((handle, Some(info))) => {
+                let addrs: Vec<std::net::IpAddr> = resp.addresses.iter().flatten().map(|a| a.address).collect();
+                endpoints.allocated(&handle, info.as_ref(), &addrs);
+            }
+            Some((handle, None)) => endpoints.released(&handle),
+            None => {}
+        }
+    }
+    resp
+}
+
 /// Answers one API request.
 pub fn answer(ipam: &NodeIpam, req: Request) -> Response {
     let fail = |e: OpError| Response::error(e.kind, e.message);
     match req {
-        Request::Allocate { handle, pools } => match ipam.allocate(&handle, &pools) {
+        Request::Allocate { handle, pools, .. } => match ipam.allocate(&handle, &pools) {
             Ok(a) => Response { ok: true, addresses: Some(a), ..Default::default() },
             Err(e) => fail(e),
         },

@@ -4,14 +4,16 @@
 //! connection that stays open as long as the client wants:
 //!
 //! ```text
-//! {"op":"allocate","handle":"<net>/<cid>/<ifname>","pools":["10.244.0.0/16"]}
+//! {"op":"allocate","handle":"<net>/<cid>/<ifname>","pools":["10.244.0.0/16"],
+//!  "endpoint":{"containerId":"<cid>","ifname":"eth0","netns":"/run/netns/x","podNamespace":"default","podName":"web-0"}}
 //!     -> {"ok":true,"addresses":[{"address":"10.244.7.3","pool":"10.244.0.0/16","block":"10.244.7.0/26"}]}
 //! {"op":"release","handle":"<net>/<cid>/<ifname>"}
 //!     -> {"ok":true,"known":true,"addresses":[...]}    (known:false: the agent had no such handle)
 //! {"op":"get","handle":"<net>/<cid>/<ifname>"}
 //!     -> {"ok":true,"known":true,"addresses":[...]}
 //! {"op":"status"}
-//!     -> {"ok":true,"status":{"node":"n1","store":"etcd http://...","storeReachable":true,...}}
+//!     -> {"ok":true,"status":{"node":"n1","store":"etcd http://...","storeReachable":true,...,
+//!         "warmFree":3,"warmIPTarget":3,"minimumIPTarget":0,"pendingOps":0,"borrowed":0}}
 //! any failure
 //!     -> {"ok":false,"error":{"kind":"unavailable","message":"datastore etcd ... unavailable: ..."}}
 //! ```
@@ -19,7 +21,9 @@
 //! `pools` selects among the agent's configured pools (by CIDR); empty or
 //! absent means every pool (one address per pool, e.g. one IPv4 and one
 //! IPv6). `allocate` is idempotent: a handle that already holds addresses
-//! gets the same addresses back (a runtime retrying an ADD).
+//! gets the same addresses back (a runtime retrying an ADD). `endpoint`
+//! (optional) describes the attachment for its endpoint record
+//! ([`crate::endpoints`]), written after the allocation and deleted on release.
 //!
 //! Error kinds: `unavailable` (the datastore cannot be reached: retry later,
 //! CNI code 11), `exhausted` (no free block left in the pool, or the node's
@@ -36,6 +40,8 @@ pub enum Request {
         handle: String,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         pools: Vec<IpNet>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        endpoint: Option<crate::endpoints::EndpointInfo>,
     },
     Release {
         handle: String,
@@ -91,6 +97,20 @@ pub struct Status {
     pub pools: Vec<IpNet>,
     pub blocks: Vec<BlockStatus>,
     pub handles: usize,
+    /// Warm addresses ready for ADDs (all pools).
+    #[serde(default)]
+    pub warm_free: usize,
+    /// The warm pool's targets (per pool).
+    #[serde(default, rename = "warmIPTarget")]
+    pub warm_ip_target: u32,
+    #[serde(default, rename = "minimumIPTarget")]
+    pub minimum_ip_target: u32,
+    /// Journaled changes not yet written to the store.
+    #[serde(default)]
+    pub pending_ops: usize,
+    /// Addresses held in other nodes' blocks.
+    #[serde(default)]
+    pub borrowed: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -120,7 +140,7 @@ mod tests {
     #[test]
     fn wire_format() {
         let r: Request = serde_json::from_str(r#"{"op":"allocate","handle":"n/c/eth0"}"#).unwrap();
-        assert_eq!(r, Request::Allocate { handle: "n/c/eth0".into(), pools: vec![] });
+        assert_eq!(r, Request::Allocate { handle: "n/c/eth0".into(), pools: vec![], endpoint: None });
         let r: Request = serde_json::from_str(r#"{"op":"status"}"#).unwrap();
         assert_eq!(r, Request::Status);
         let e = Response::error(ErrorKind::Unavailable, "down");

@@ -523,3 +523,97 @@ pub fn run(store: &dyn Datastore, node: &str, router: &mut Router, stopping: &dy
         }
     }
 }
+
+/// The nftables table in which the agent masquerades pod traffic that
+/// leaves the cluster.
+pub const MASQ_TABLE: &str = "tern_agent";
+
+/// The nft script that masquerades traffic from the cluster's pools to
+/// anything outside them, on whichever interface it leaves the node by.
+/// Replacing the table is one atomic transaction (create if missing, flush,
+/// define), so re-applying it at every agent start never opens a gap.
+pub fn masquerade_script(pools: &[IpNet]) -> String {
+    let (v4, v6): (Vec<&IpNet>, Vec<&IpNet>) = pools.iter().partition(|p| p.addr().is_ipv4());
+    let elems = |v: &[&IpNet]| v.iter().map(|p| p.trunc().to_string()).collect::<Vec<_>>().join(", ");
+    let mut s = format!("table inet {MASQ_TABLE} {{}}\nflush table inet {MASQ_TABLE}\ntable inet {MASQ_TABLE} {{\n");
+    if !v4.is_empty() {
+        s += &format!("  set cluster4 {{ type ipv4_addr; flags interval; elements = {{ {} }} }}\n", elems(&v4));
+    }
+    if !v6.is_empty() {
+        s += &format!("  set cluster6 {{ type ipv6_addr; flags interval; elements = {{ {} }} }}\n", elems(&v6));
+    }
+    s += "  chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n";
+    if !v4.is_empty() {
+        s += "    ip saddr @cluster4 ip daddr != @cluster4 ip daddr != 224.0.0.0/4 masquerade\n";
+    }
+    if !v6.is_empty() {
+        s += "    ip6 saddr @cluster6 ip6 daddr != @cluster6 ip6 daddr != ff00::/8 masquerade\n";
+    }
+    s += "  }\n}\n";
+    s
+}
+
+/// Handle under which the node's VXLAN tunnel addresses are allocated from
+/// its own blocks (a name no CNI handle can have: they start with the
+/// network name, which cannot start with `@`).
+pub fn tunnel_handle(node: &str) -> String {
+    format!("@tunnel/{node}")
+}
+
+/// Everything cross-node routing needs at agent start, done in order: the
+/// underlay found, the masquerade table in place, the VTEP (device and
+/// tunnel addresses from `tunnel_ips`) made, the routing record published.
+/// Returns the router for [`run`].
+pub fn setup(
+    store: &dyn Datastore,
+    node: &str,
+    config: RoutingConfig,
+    pools: &[IpNet],
+    tunnel_ips: impl FnOnce() -> Result<Vec<IpAddr>, String>,
+) -> Result<Router, String> {
+    let mut router = Router::new(node, config).map_err(|e| e.to_string())?;
+    tern_sys::nft::run(&masquerade_script(pools)).map_err(|e| format!("masquerade table: {e}"))?;
+    let vtep = if router.wants_vxlan() {
+        let ips = tunnel_ips()?;
+        Some(router.ensure_vtep(&ips).map_err(|e| e.to_string())?)
+    } else {
+        None
+    };
+    let rec = RoutingRecord { name: node.to_string(), underlay: router.underlay(), vtep, mode: router.mode() };
+    publish(store, &rec).map_err(|e| format!("publishing the routing record: {e}"))?;
+    Ok(router)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masquerade_script_covers_each_family_present() {
+        let s = masquerade_script(&["10.244.0.0/16".parse().unwrap()]);
+        assert!(s.contains("elements = { 10.244.0.0/16 }"));
+        assert!(s.contains("ip saddr @cluster4 ip daddr != @cluster4"));
+        assert!(!s.contains("cluster6"));
+        let s = masquerade_script(&["10.244.0.0/16".parse().unwrap(), "fd00:244::/56".parse().unwrap()]);
+        assert!(s.contains("ip6 saddr @cluster6"));
+        assert!(s.starts_with("table inet tern_agent {}\nflush table inet tern_agent\n"));
+    }
+
+    #[test]
+    fn vtep_mac_is_stable_local_unicast() {
+        let m = vtep_mac("n1");
+        assert_eq!(m, vtep_mac("n1"));
+        assert_ne!(m, vtep_mac("n2"));
+        assert_eq!(m[0] & 0x03, 0x02, "locally administered, unicast");
+        assert_eq!(tunnel_handle("n1"), "@tunnel/n1");
+    }
+
+    #[test]
+    fn routing_config_from_json() {
+        let c: RoutingConfig = serde_json::from_str(r#"{"mode":"auto","underlayInterface":"eth0"}"#).unwrap();
+        assert_eq!((c.vni, c.port, c.resync), (1, 8472, Duration::from_secs(30)));
+        let e = serde_json::from_str::<RoutingConfig>(r#"{"mode":"auto","underlayInterface":"eth0","vnid":2}"#)
+            .unwrap_err();
+        assert!(e.to_string().contains("vnid"), "{e}");
+    }
+}

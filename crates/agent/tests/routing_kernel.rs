@@ -139,7 +139,7 @@ fn auto_is_direct_on_the_subnet_and_vxlan_across_then_converges_and_cleans_up() 
     }
     for n in &c.nodes {
         assert_eq!(n.ns.ok("ip route show proto 84").trim(), "", "node {}", n.name);
-        assert!(n.ns.sh(&format!("ip link show {VXLAN_DEVICE}")).stderr.len() > 0, "device gone on {}", n.name);
+        assert!(!n.ns.sh(&format!("ip link show {VXLAN_DEVICE}")).status.success(), "device gone on {}", n.name);
         assert!(route_line(n, "10.99.0.0/24").contains("via"), "foreign route kept on {}", n.name);
         assert!(route_line(n, &format!("10.244.{}.10", n.n)).contains("dev p0"), "pod route kept");
     }

@@ -9,6 +9,11 @@
 //! a claim and removed after a release; a crash between the two leaves the
 //! index stale, never the ownership, and [`reconcile_affinities`] repairs it.
 //!
+//! An address may be allocated in another node's block when a node's pool
+//! is exhausted (borrowing): the block keeps its owner and the record names
+//! the borrower of that address ([`BlockRecord::borrowed`]), so the borrower
+//! finds and frees it and the owner does not count it as its own pod.
+//!
 //! A pool's block size is pinned in the store on first use
 //! ([`ensure_pool`]): a node configured with another block size for the same
 //! CIDR, or with a CIDR overlapping another pool, is refused, because blocks
@@ -57,11 +62,21 @@ pub struct BlockRecord {
     /// bitmap by the methods below).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub handles: BTreeMap<u32, String>,
+    /// Ordinal -> node, for addresses another node borrowed (allocated here
+    /// because its own pool was exhausted); the block keeps its owner.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub borrowed: BTreeMap<u32, String>,
 }
 
 impl BlockRecord {
     pub fn new(block: Block, node: &str) -> BlockRecord {
-        BlockRecord { block, node: node.to_string(), claimed_at: unix_now(), handles: BTreeMap::new() }
+        BlockRecord {
+            block,
+            node: node.to_string(),
+            claimed_at: unix_now(),
+            handles: BTreeMap::new(),
+            borrowed: BTreeMap::new(),
+        }
     }
 
     pub fn cidr(&self) -> IpNet {
@@ -84,10 +99,45 @@ impl BlockRecord {
         Ok(())
     }
 
+    /// Takes the lowest free address for `handle` on behalf of `borrower`,
+    /// a node that does not own the block.
+    pub fn allocate_borrowed(&mut self, handle: &str, borrower: &str) -> Option<IpAddr> {
+        let ip = self.allocate(handle)?;
+        let ord = self.block.ordinal(ip).expect("allocated inside");
+        self.borrowed.insert(ord, borrower.to_string());
+        Some(ip)
+    }
+
+    /// Takes the lowest free address, naming it by `handle_for(address)`.
+    pub fn allocate_with(&mut self, handle_for: impl FnOnce(IpAddr) -> String) -> Option<IpAddr> {
+        let ip = self.block.allocate()?;
+        let ord = self.block.ordinal(ip).expect("allocated inside");
+        self.handles.insert(ord, handle_for(ip));
+        Some(ip)
+    }
+
+    /// Gives the used address `ip` to `handle` (it keeps its borrower, if
+    /// any); false if `ip` is not in use.
+    pub fn reassign(&mut self, ip: IpAddr, handle: &str) -> bool {
+        match self.block.ordinal(ip) {
+            Some(ord) if self.block.is_allocated(ip) => {
+                self.handles.insert(ord, handle.to_string());
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The node that borrowed `ip`, if another node did.
+    pub fn borrower_of(&self, ip: IpAddr) -> Option<&str> {
+        self.borrowed.get(&self.block.ordinal(ip)?).map(|s| s.as_str())
+    }
+
     /// Frees `ip`; its handle, if it was used.
     pub fn release(&mut self, ip: IpAddr) -> Option<String> {
         let ord = self.block.ordinal(ip)?;
         self.block.release(ip).ok()?;
+        self.borrowed.remove(&ord);
         self.handles.remove(&ord)
     }
 
@@ -98,6 +148,7 @@ impl BlockRecord {
         for o in ords {
             let ip = self.block.addr(o);
             self.handles.remove(&o);
+            self.borrowed.remove(&o);
             let _ = self.block.release(ip);
             out.push(ip);
         }
@@ -110,7 +161,7 @@ impl BlockRecord {
 
     /// No address used and no handle recorded.
     pub fn is_empty(&self) -> bool {
-        self.block.is_empty() && self.handles.is_empty()
+        self.block.is_empty() && self.handles.is_empty() && self.borrowed.is_empty()
     }
 }
 
@@ -393,6 +444,19 @@ mod tests {
         let mut r2 = back.clone();
         assert_eq!(r2.release_handle("h2"), vec!["10.0.0.9".parse::<IpAddr>().unwrap()]);
         assert_eq!(r2.release(a).as_deref(), Some("h1"));
+        assert!(r2.is_empty());
+        // Borrowed addresses name their borrower; freeing forgets it.
+        let b = r2.allocate_borrowed("h3", "n2").unwrap();
+        let w = r2.allocate_with(|ip| format!("@warm/n1/{ip}")).unwrap();
+        let s = String::from_utf8(encode(&r2)).unwrap();
+        assert!(s.ends_with(r#""handles":{"0":"h3","1":"@warm/n1/10.0.0.1"},"borrowed":{"0":"n2"}}"#), "{s}");
+        assert_eq!(r2.borrower_of(b), Some("n2"));
+        assert!(r2.reassign(w, "h4"));
+        assert!(!r2.reassign("10.0.0.7".parse().unwrap(), "h5"));
+        assert_eq!(r2.handle_of(w), Some("h4"));
+        assert_eq!(r2.release(b).as_deref(), Some("h3"));
+        assert_eq!(r2.borrower_of(b), None);
+        assert_eq!(r2.release_handle("h4"), vec![w]);
         assert!(r2.is_empty());
         let e = decode::<BlockRecord>("/tern/v1/ipam/blocks/x", br#"{"cidr":"10.0.0.0/26","used":"00","node":"n"}"#)
             .unwrap_err();

@@ -4,13 +4,31 @@
 //! /tern/schema                                 {"version":1}: the layout in use (see "Migration")
 //! /tern/v1/nodes/<node>                        node record (agent-defined JSON), put under the node's lease
 //! /tern/v1/ipam/pools/<cidr>                   PoolRecord {"cidr","blockPrefix"}: pins one block size per pool
-//! /tern/v1/ipam/blocks/<cidr>                  BlockRecord {"cidr","used","node","claimedAt","handles"}:
+//! /tern/v1/ipam/blocks/<cidr>                  BlockRecord {"cidr","used","node","claimedAt","handles","borrowed"}:
 //!                                              who owns the block (the authority) and which addresses are used
 //! /tern/v1/ipam/affinity/<node>/<cidr>         AffinityRecord {"node","cidr"}: index "blocks of a node";
 //!                                              rebuilt from the blocks by `ipam::reconcile_affinities`
 //! /tern/v1/ipam/handles/<handle>               addresses held by one attachment (agent-defined JSON)
-//! /tern/v1/endpoints/<namespace>/<pod>/<ifname> endpoint record: addresses, node, interface (agent-defined)
+//! /tern/v1/ipam/idle/<cidr>                    idle mark {"cidr","node","reason","firstSeenMs","blockRevision"}:
+//!                                              since when the block has been empty (or its node gone); the
+//!                                              collector (agent `gc`) releases it a grace period later
+//! /tern/v1/ipam/leaks/<address>                leak mark {"address","block","handle","node","reason","firstSeenMs"}:
+//!                                              since when an address has looked leaked; freed a grace period later
+//! /tern/v1/attachments/<handle-id>             endpoint record of one attachment (agent `endpoints`), written on
+//!                                              every allocate, deleted on release: find an endpoint by handle
+//! /tern/v1/endpoints/<namespace>/<pod>/<ifname> the same record for pods with K8S_POD_NAMESPACE/K8S_POD_NAME:
+//!                                              find an endpoint by pod
 //! ```
+//!
+//! An endpoint is found by address through the blocks: the address's block
+//! (its pool's block size gives the CIDR) maps the address to its handle,
+//! and [`attachment`] maps the handle to the record. The idle and leak marks
+//! live in the store, not in one process, so `tern ipam gc` on any machine
+//! and every agent's collector count the same grace periods. `<handle-id>` is
+//! the handle as one component ([`handle_id`]): `/`, `%`, `~` and control
+//! characters escaped as `%XX`, a leading `.` too, and a handle whose escaped
+//! form exceeds 253 bytes cut and suffixed with `~` and a 64-bit FNV-1a hash
+//! of the whole handle (the record itself holds the full handle).
 //!
 //! `<cidr>` is written `<address>-<prefix>` (`10.244.3.64-26`, `fd00::40-122`),
 //! as Calico does, so a CIDR is one path component. `<node>`, `<handle>`,
@@ -36,6 +54,8 @@
 //! writing), then delete `/tern/v1/`. New fields inside a version's JSON
 //! values need no migration: readers ignore unknown fields and default missing
 //! ones.
+use std::net::IpAddr;
+
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
@@ -54,6 +74,9 @@ pub const IPAM_BLOCKS: &str = "/tern/v1/ipam/blocks/";
 pub const IPAM_AFFINITY: &str = "/tern/v1/ipam/affinity/";
 pub const IPAM_HANDLES: &str = "/tern/v1/ipam/handles/";
 pub const ENDPOINTS: &str = "/tern/v1/endpoints/";
+pub const IPAM_IDLE: &str = "/tern/v1/ipam/idle/";
+pub const IPAM_LEAKS: &str = "/tern/v1/ipam/leaks/";
+pub const ATTACHMENTS: &str = "/tern/v1/attachments/";
 
 /// Longest single component (a Kubernetes object name is at most 253).
 pub const MAX_COMPONENT: usize = 253;
@@ -148,6 +171,64 @@ pub fn endpoints_of_pod(namespace: &str, pod: &str) -> Result<String> {
     Ok(format!("{ENDPOINTS}{}/{}/", component("namespace", namespace)?, component("pod name", pod)?))
 }
 
+/// `/tern/v1/ipam/idle/<cidr>`: the block collector's mark of an idle block.
+pub fn idle_block(cidr: &IpNet) -> String {
+    format!("{IPAM_IDLE}{}", cidr_id(cidr))
+}
+
+/// `/tern/v1/ipam/leaks/<address>` (`10.244.3.7`, `fd00::47`).
+pub fn leak(address: &IpAddr) -> String {
+    format!("{IPAM_LEAKS}{address}")
+}
+
+/// The address of a `/tern/v1/ipam/leaks/<address>` key.
+pub fn leak_address(key: &str) -> Option<IpAddr> {
+    name_under(IPAM_LEAKS, key)?.parse().ok()
+}
+
+/// `/tern/v1/attachments/<handle-id>`: the endpoint record of `handle`.
+pub fn attachment(handle: &str) -> Result<String> {
+    if handle.is_empty() {
+        return Err(StoreError::Invalid("handle \"\": empty".into()));
+    }
+    Ok(format!("{ATTACHMENTS}{}", handle_id(handle)))
+}
+
+/// Longest escaped handle kept whole; longer ones are cut to this and hashed.
+const HANDLE_ID_CUT: usize = 200;
+
+/// A handle (`<network>/<containerID>/<ifname>`, any string really) as one
+/// key component; see the module docs. Distinct handles give distinct ids
+/// (the cut-and-hash form up to a 64-bit hash collision).
+pub fn handle_id(handle: &str) -> String {
+    let mut out = String::with_capacity(handle.len() + 8);
+    for (i, c) in handle.char_indices() {
+        let escape = matches!(c, '/' | '%' | '~') || c.is_control() || (i == 0 && c == '.');
+        if escape {
+            let mut buf = [0u8; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    if out.len() <= MAX_COMPONENT {
+        return out;
+    }
+    let mut cut = HANDLE_ID_CUT;
+    while !out.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    // FNV-1a: stable across builds and versions, unlike std's hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in handle.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{}~{h:016x}", &out[..cut])
+}
+
 /// The rest of `key` after `prefix`, if it is exactly one component
 /// (`name_under("/tern/v1/nodes/", "/tern/v1/nodes/n1") == Some("n1")`).
 pub fn name_under<'a>(prefix: &str, key: &'a str) -> Option<&'a str> {
@@ -214,6 +295,35 @@ mod tests {
         assert_eq!(name_under(NODES, "/tern/v1/nodes/n1"), Some("n1"));
         assert_eq!(name_under(NODES, "/tern/v1/nodes/n1/x"), None);
         assert_eq!(name_under(NODES, "/tern/v1/nodes/"), None);
+        assert_eq!(idle_block(&b), "/tern/v1/ipam/idle/10.244.3.64-26");
+        let ip6: IpAddr = "fd00::47".parse().unwrap();
+        assert_eq!(leak(&ip6), "/tern/v1/ipam/leaks/fd00::47");
+        assert_eq!(leak_address(&leak(&ip6)), Some(ip6));
+        assert_eq!(leak_address("/tern/v1/ipam/leaks/x"), None);
+        assert_eq!(attachment("cnet/abc/eth0").unwrap(), "/tern/v1/attachments/cnet%2Fabc%2Feth0");
+        assert!(attachment("").is_err());
+    }
+
+    #[test]
+    fn handle_ids_are_components_and_distinct() {
+        assert_eq!(handle_id("@warm/n1/3"), "@warm%2Fn1%2F3");
+        assert_eq!(handle_id("a%2Fb"), "a%252Fb");
+        assert_ne!(handle_id("a/b"), handle_id("a%2Fb"));
+        assert_eq!(handle_id(".."), "%2E.");
+        assert_eq!(handle_id("x\ny~"), "x%0Ay%7E");
+        for h in ["a/b/c", ".", "..", "%", "~", "é/ü", "x\u{7f}"] {
+            component("id", &handle_id(h)).unwrap();
+        }
+        let long_a = format!("net/{}/eth0", "a".repeat(300));
+        let long_b = format!("net/{}/eth1", "a".repeat(300));
+        let (ia, ib) = (handle_id(&long_a), handle_id(&long_b));
+        assert!(ia.len() <= MAX_COMPONENT && ib.len() <= MAX_COMPONENT, "{ia}");
+        assert_ne!(ia, ib);
+        assert_eq!(ia, handle_id(&long_a));
+        component("id", &ia).unwrap();
+        // Multi-byte characters at the cut stay whole.
+        let wide = "é".repeat(200);
+        component("id", &handle_id(&wide)).unwrap();
     }
 
     #[test]

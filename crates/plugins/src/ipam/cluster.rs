@@ -15,7 +15,11 @@
 //!   from each; absent means every pool the agent serves.
 //! * `routes` (optional): copied into the result, as host-local does.
 //!
-//! The handle of an attachment is `<network>/<containerID>/<ifname>`.
+//! The handle of an attachment is `<network>/<containerID>/<ifname>`. ADD
+//! also sends the attachment's description for the agent's endpoint record:
+//! `CNI_CONTAINERID`, `CNI_IFNAME`, `CNI_NETNS`, and `K8S_POD_NAMESPACE` /
+//! `K8S_POD_NAME` from `CNI_ARGS` when the runtime passes them (the
+//! `endpoint` of `tern_agent::proto`'s allocate request).
 //!
 //! Each address is returned with its **pool's** prefix (`10.244.7.3/16`) and
 //! no gateway. The node's block (/26 by default) is a routing detail of the
@@ -124,9 +128,27 @@ fn ips_of(answer: &Value) -> Result<Vec<IpConfig>, CniError> {
     Ok(out)
 }
 
+/// The `endpoint` of an allocate request (absent values left out).
+pub fn endpoint_of(req: &Request) -> Value {
+    let mut e = json!({"containerId": req.env.container_id(), "ifname": req.env.ifname()});
+    let optional = [
+        ("netns", req.env.netns.as_deref()),
+        ("podNamespace", req.env.args.get("K8S_POD_NAMESPACE")),
+        ("podName", req.env.args.get("K8S_POD_NAME")),
+    ];
+    for (key, value) in optional {
+        if let Some(v) = value.filter(|v| !v.is_empty()) {
+            e[key] = Value::String(v.to_string());
+        }
+    }
+    e
+}
+
 pub fn add(req: &Request) -> Result<CniResult, CniError> {
     let cfg = ClusterConfig::from_request(req)?;
-    let answer = cfg.call(json!({"op": "allocate", "handle": handle_of(req), "pools": cfg.pools}))?;
+    let answer = cfg.call(json!({
+        "op": "allocate", "handle": handle_of(req), "pools": cfg.pools, "endpoint": endpoint_of(req),
+    }))?;
     let ips = ips_of(&answer)?;
     if ips.is_empty() {
         return Err(CniError::internal(format!("tern agent at {} allocated no address", cfg.socket)));

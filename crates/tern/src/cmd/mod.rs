@@ -5,6 +5,9 @@ mod agent;
 mod bench;
 mod cni;
 mod install;
+mod ipam;
+mod lab;
+mod status;
 
 #[derive(Parser)]
 #[command(name = "tern", version, about = "tern: a Kubernetes network stack (CNI plugins, and the tools around them)")]
@@ -26,6 +29,13 @@ enum Command {
     Bench(bench::Args),
     /// Run the node agent (node lease, cluster IPAM for tern-ipam's "cluster" allocator) until SIGTERM.
     Agent(agent::Args),
+    /// The node's view from its agent: agent health, datastore reachability, blocks, pods.
+    Status(status::Args),
+    /// Cluster IPAM in the datastore: `ipam show` (blocks per node, leak candidates), `ipam gc`.
+    #[command(subcommand)]
+    Ipam(ipam::Command),
+    /// A virtual cluster on this machine: `lab up`, `lab test` (connectivity matrix), `lab exec`, `lab down`.
+    Lab(lab::Args),
 }
 
 pub fn run() -> i32 {
@@ -34,6 +44,9 @@ pub fn run() -> i32 {
         Command::Install(args) => install::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Agent(args) => agent::run(args),
+        Command::Status(args) => status::run(args),
+        Command::Ipam(cmd) => ipam::run(cmd),
+        Command::Lab(cmd) => lab::run(cmd),
         Command::Cni(cmd) => cni::run(cmd),
         Command::Plugins => {
             for name in tern_plugins::PLUGIN_NAMES {

@@ -2,6 +2,12 @@
 //! how many pods per second a node churns through, for every dataplane a CNI
 //! plugin sets up (tern's two and the reference bridge plugin), in one run.
 //!
+//! One more dataplane is only here, not in the registry: `tern-cluster`, the
+//! `tern-bridge` config with tern-ipam's `cluster` allocator instead of
+//! host-local, against a `tern agent` on a throwaway etcd that the bench
+//! starts and stops ([`super::cluster`]). Measured interleaved with the
+//! others, its ratio to `tern-bridge` is the price of cluster IPAM per pod.
+//!
 //! Everything happens in namespaces the bench creates and removes: a "node"
 //! netns the plugins run in, and a small pool of pod namespaces reused across
 //! cycles (so creating a netns is never timed). The driver stays in the
@@ -20,6 +26,7 @@ use serde_json::{json, Value};
 use tern_sys::netns::NetNs;
 use tern_sys::Netlink;
 
+use super::cluster::{self, CniCluster};
 use super::dataplanes::{self, CniPlugin, Dataplane, REFERENCE};
 use super::{check_interrupt, interrupted, percentile, print_table, round_to};
 use super::{Invocation, Machine, Progress, SignalGuard, Workspace};
@@ -56,6 +63,41 @@ pub struct CniArgs {
     /// ADD+DEL cycles per churn measurement (at least the concurrency).
     #[arg(long, hide = true)]
     churn_pods: Option<usize>,
+    /// Leave out the `tern-cluster` dataplane (no etcd, no agent).
+    #[arg(long)]
+    no_cluster: bool,
+    /// `tern-cluster`'s agent on a local: store even when etcd-server is installed.
+    #[arg(long, conflicts_with = "no_cluster")]
+    local_store: bool,
+}
+
+/// The dataplane `tern-cluster` is compared with: the same plugin config with host-local IPAM.
+const CLUSTER_PEER: &str = "tern-bridge";
+const CLUSTER: &str = "tern-cluster";
+
+/// `tern-cluster`: `tern-bridge` with the cluster allocator (see the module docs).
+fn cluster_dataplane() -> Dataplane {
+    Dataplane {
+        name: CLUSTER,
+        summary: "type tern, mode bridge, isGateway, tern-ipam allocator cluster (tern agent, /26 blocks)",
+        cni: Some(CniPlugin {
+            plugin: "tern",
+            reference: false,
+            conf: |data| {
+                json!({
+                    "cniVersion": "1.0.0",
+                    "name": "bench-tern-cluster",
+                    "type": "tern",
+                    "mode": "bridge",
+                    "bridge": "tcbench0",
+                    "isGateway": true,
+                    "ipMasq": false,
+                    "ipam": {"type": "tern-ipam", "allocator": "cluster", "agentSocket": cluster::cni_socket(data)},
+                })
+            },
+        }),
+        pair: dataplanes::cni_pair,
+    }
 }
 
 /// A dataplane a CNI plugin sets up, with its config for this run.
@@ -67,6 +109,9 @@ struct Plane<'a> {
 
 /// The workspace, the node the plugins run in, and the pod pool.
 struct Node {
+    /// `tern-cluster`'s agent and store: first, so they stop (by pid) before
+    /// the workspace removes their directory, also on an early error return.
+    cluster: Option<CniCluster>,
     ws: Workspace,
     node: NetNs,
     /// A netlink socket in the node netns, to check what a DEL left.
@@ -84,18 +129,33 @@ pub fn run(args: CniArgs) -> Result<()> {
     super::preflight("cni")?;
 
     let _signals = SignalGuard::install()?;
+    let ws = Workspace::new(args.cni_bin_dir.as_deref())?;
+    let cluster_dp = cluster_dataplane();
+    // Before becoming the subreaper: the agent and etcd are started detached
+    // and must not be re-parented to us (see super::cluster).
+    let cluster = if args.no_cluster {
+        None
+    } else {
+        let data = ws.data(cluster_dp.name);
+        std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+        Some(CniCluster::start(&data, args.local_store)?)
+    };
+    if let Some(note) = cluster.as_ref().and_then(|c| c.store.note.as_ref()) {
+        eprintln!("tern bench cni: {CLUSTER}: {note}");
+    }
     // Processes a plugin leaves running (tern's DEL hands the veth unregister
     // to one) are re-parented to us, so we can tell when they are done.
     nix::sys::prctl::set_child_subreaper(true).context("prctl(PR_SET_CHILD_SUBREAPER)")?;
-    let ws = Workspace::new(args.cni_bin_dir.as_deref())?;
     let node = ws.netns("node")?;
     let nl = Netlink::in_netns(&node).context("netlink in the node netns")?;
     let pool = (0..POD_POOL).map(|i| ws.netns(&format!("pod{i}"))).collect::<Result<Vec<_>>>()?;
-    let node = Node { ws, node, nl, pods: pool };
+    let node = Node { cluster, ws, node, nl, pods: pool };
 
     let registry = dataplanes::registry();
+    let extra: Vec<&Dataplane> = node.cluster.iter().map(|_| &cluster_dp).collect();
     let planes: Vec<Plane> = registry
         .iter()
+        .chain(extra)
         .filter_map(|dp| dp.cni.as_ref().map(|cni| Plane { dp, cni, conf: (cni.conf)(&node.ws.data(dp.name)) }))
         .collect();
     let mut samples: Vec<Samples> = planes.iter().map(|_| Samples::default()).collect();
@@ -137,10 +197,16 @@ pub fn run(args: CniArgs) -> Result<()> {
 
     let machine = Machine::probe();
     let report = Report::new(&planes, &samples);
+    let cluster_store = node.cluster.as_ref().map(|c| (c.store.kind, c.store.note.clone()));
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report.to_json(&machine, pods, warmup, churn_pods))?);
+        let mut out = report.to_json(&machine, pods, warmup, churn_pods);
+        if let Some(c) = report.cluster_json(cluster_store) {
+            out["cluster_ipam"] = c;
+        }
+        println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         report.print_table(&machine, pods, warmup, churn_pods, &planes);
+        report.print_cluster(cluster_store);
     }
     Ok(())
 }
@@ -378,6 +444,50 @@ impl Report {
                     .collect::<serde_json::Map<_, _>>(),
             })).collect::<Vec<_>>(),
         })
+    }
+
+    /// `tern-cluster` against `tern-bridge` (same plugin config, cluster
+    /// IPAM instead of host-local): ratios of the medians, and of churn.
+    fn cluster_json(&self, store: Option<(&str, Option<String>)>) -> Option<Value> {
+        let (kind, note) = store?;
+        let c = self.rows.iter().find(|r| r.name == CLUSTER)?;
+        let b = self.rows.iter().find(|r| r.name == CLUSTER_PEER)?;
+        let churn: serde_json::Map<String, Value> = c
+            .churn
+            .iter()
+            .zip(&b.churn)
+            .map(|((w, rc, _), (_, rb, _))| (w.to_string(), json!(round_to(rc / rb, 3))))
+            .collect();
+        Some(json!({
+            "dataplane": CLUSTER,
+            "compared_with": CLUSTER_PEER,
+            "store": kind,
+            "note": note,
+            "add_ratio": round_to(c.add.p50 / b.add.p50, 3),
+            "del_ratio": round_to(c.del.p50 / b.del.p50, 3),
+            "cycle_ratio": round_to(c.cycle.p50 / b.cycle.p50, 3),
+            "churn_ratio": churn,
+        }))
+    }
+
+    fn print_cluster(&self, store: Option<(&str, Option<String>)>) {
+        let Some(c) = self.cluster_json(store) else { return };
+        println!();
+        println!(
+            "cluster IPAM ({CLUSTER} / {CLUSTER_PEER}, medians; agent on a throwaway {} store): \
+             ADD {}x, DEL {}x, ADD+DEL {}x; churn {}",
+            c["store"].as_str().unwrap_or("?"),
+            c["add_ratio"],
+            c["del_ratio"],
+            c["cycle_ratio"],
+            c["churn_ratio"]
+                .as_object()
+                .map(|m| m.iter().map(|(w, r)| format!("N={w} {r}x")).collect::<Vec<_>>().join(", "))
+                .unwrap_or_default()
+        );
+        if let Some(note) = c["note"].as_str() {
+            println!("note: {note}");
+        }
     }
 
     fn print_table(&self, machine: &Machine, pods: usize, warmup: usize, churn_pods: usize, planes: &[Plane]) {

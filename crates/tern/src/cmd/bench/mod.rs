@@ -5,6 +5,8 @@
 //!   how many pods per second a node churns through.
 //! - `tern bench datapath` ([`datapath`]): latency, throughput, CPU cost and
 //!   connection rate between two pods of one node.
+//! - `tern bench ipam` ([`cluster`]): cluster-IPAM allocations per second
+//!   with several `tern agent`s on one throwaway etcd.
 //!
 //! Both take their dataplanes from one table, [`dataplanes::registry`]; a
 //! dataplane added there appears in both without changes to the harness.
@@ -27,6 +29,7 @@ use nix::sys::signal::{killpg, sigaction, SaFlags, SigAction, SigHandler, SigSet
 use nix::unistd::Pid;
 use tern_sys::netns::{self, NetNs};
 
+mod cluster;
 mod cni;
 mod datapath;
 mod dataplanes;
@@ -47,16 +50,19 @@ pub struct Args {
 
 #[derive(clap::Subcommand)]
 enum What {
-    /// Time CNI ADD and DEL, and pod churn: tern (bridge and routed) against the reference bridge plugin.
+    /// Time CNI ADD and DEL, and pod churn: tern (bridge, routed, cluster IPAM) against the reference bridge plugin.
     Cni(cni::CniArgs),
     /// Pod-to-pod latency, throughput, CPU per Gbit and connection rate: the limit, tern, the reference.
     Datapath(datapath::DatapathArgs),
+    /// Cluster IPAM: allocations and releases per second with several `tern agent`s on one throwaway etcd.
+    Ipam(cluster::IpamArgs),
 }
 
 pub fn run(args: Args) -> Result<()> {
     match args.what {
         What::Cni(a) => cni::run(a),
         What::Datapath(a) => datapath::run(a),
+        What::Ipam(a) => cluster::run_ipam(a),
     }
 }
 
