@@ -524,6 +524,7 @@ pub(crate) fn collect(
     };
 
     let live = live_nodes(store)?;
+    run.report.live_nodes = live.iter().cloned().collect();
     let mut blocks: BTreeMap<IpNet, Versioned<BlockRecord>> =
         list_blocks(store)?.into_iter().map(|b| (b.value.cidr(), b)).collect();
     let (records, unreadable) = endpoints::list(store)?;

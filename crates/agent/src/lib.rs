@@ -45,6 +45,7 @@ pub mod warm;
 pub mod routing;
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -193,6 +194,8 @@ pub struct Agent {
     lease: Arc<Mutex<Option<LeaseId>>>,
     stop: Arc<Stop>,
     accepting: Arc<AtomicBool>,
+    /// A handle on the API socket, to wake its accept loop at stop.
+    listener: Option<UnixListener>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -255,6 +258,7 @@ impl Agent {
         }
         let _ = std::fs::remove_file(&socket);
         let listener = UnixListener::bind(&socket).map_err(|err| AgentError::Socket { path: socket.clone(), err })?;
+        let listener_handle = listener.try_clone().ok();
 
         let value = serde_json::to_vec(&record).expect("node record serialises");
         let lease_id = register(&*store, &node_key, &value, lease_ttl).inspect_err(|_| {
@@ -314,7 +318,7 @@ impl Agent {
                     .expect("spawn routing thread"),
             );
         }
-        Ok(Agent { node, store, socket, ipam, endpoints, lease, stop, accepting, threads })
+        Ok(Agent { node, store, socket, ipam, endpoints, lease, stop, accepting, listener: listener_handle, threads })
     }
 
     pub fn node(&self) -> &str {
@@ -352,7 +356,12 @@ impl Agent {
         self.stop.stop();
         self.ipam.stop_background();
         self.accepting.store(false, Ordering::SeqCst);
-        // Wake the accept loop.
+        // Wake the accept loop: shutting the listening socket down fails
+        // its accept() at once, even when the socket file was removed
+        // behind our back (a connect to the path would then never arrive).
+        if let Some(l) = &self.listener {
+            let _ = nix::sys::socket::shutdown(l.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        }
         let _ = UnixStream::connect(&self.socket);
         for t in self.threads.drain(..) {
             let _ = t.join();

@@ -41,6 +41,9 @@ impl AgentProc {
         let mut cmd = Command::new(tern_bin());
         cmd.args(["agent", "--node", node, "--datastore", datastore, "--socket"])
             .arg(&socket)
+            // The journal stays in the test's directory, never in /var/lib.
+            .arg("--state-dir")
+            .arg(dir.join(format!("{node}.state")))
             .args(extra)
             .stdin(Stdio::null())
             .stdout(f.try_clone().unwrap())

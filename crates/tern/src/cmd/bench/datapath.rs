@@ -11,7 +11,8 @@ use std::time::Duration;
 use anyhow::{anyhow, Context, Result};
 use serde_json::{json, Map, Value};
 
-use super::dataplanes::{self, Dataplane, Pair, NATIVE, REFERENCE};
+use super::crossnode::is_cross_node;
+use super::dataplanes::{self, Dataplane, Pair, NATIVE, REFERENCE, UNDERLAY};
 use super::traffic::{self, EchoServer, Iperf, Pin, PAYLOAD};
 use super::{check_interrupt, interrupted, loadavg, median, percentile, print_table, round_to, svg};
 use super::{Machine, Progress, SignalGuard, Workspace};
@@ -27,6 +28,9 @@ pub struct DatapathArgs {
     /// Print the results as one JSON object instead of tables.
     #[arg(long)]
     json: bool,
+    /// Only these dataplanes, comma-separated (e.g. underlay,direct,vxlan) [default: all].
+    #[arg(long, value_delimiter = ',', value_name = "NAMES")]
+    dataplanes: Vec<String>,
     /// Also draw latency percentiles, throughput and connection rate per dataplane into this SVG file.
     #[arg(long, value_name = "FILE")]
     svg: Option<PathBuf>,
@@ -172,7 +176,14 @@ pub fn run(args: DatapathArgs) -> Result<()> {
 
     let _signals = SignalGuard::install()?;
     let ws = Workspace::new(args.cni_bin_dir.as_deref())?;
-    let registry = dataplanes::registry();
+    let mut registry = dataplanes::registry();
+    if !args.dataplanes.is_empty() {
+        let known: Vec<&str> = registry.iter().map(|d| d.name).collect();
+        if let Some(bad) = args.dataplanes.iter().find(|n| !known.contains(&n.as_str())) {
+            anyhow::bail!("--dataplanes: no dataplane {bad:?} (known: {})", known.join(", "));
+        }
+        registry.retain(|d| args.dataplanes.iter().any(|n| n == d.name));
+    }
     let announce = format!(
         "tern bench datapath: {} dataplanes, {} round(s), about {} s",
         registry.len(),
@@ -314,6 +325,8 @@ struct Row {
     vs_native: Option<[f64; 7]>,
     /// Median / ref-bridge's median, per metric.
     vs_ref: Option<[f64; 7]>,
+    /// Cross-node dataplanes: median / the underlay's median, per metric.
+    vs_underlay: Option<[f64; 7]>,
 }
 
 struct Report {
@@ -324,7 +337,7 @@ impl Report {
     fn new(planes: &[Plane]) -> Report {
         let stats = |p: &Plane| -> [Summary; 7] { std::array::from_fn(|m| Summary::of(&p.values[m])) };
         let base = |name: &str| planes.iter().find(|p| p.dp.name == name).map(stats);
-        let (native, reference) = (base(NATIVE), base(REFERENCE));
+        let (native, reference, underlay) = (base(NATIVE), base(REFERENCE), base(UNDERLAY));
         let ratio = |s: &[Summary; 7], b: &Option<[Summary; 7]>| {
             b.as_ref().map(|b| -> [f64; 7] { std::array::from_fn(|m| s[m].median / b[m].median) })
         };
@@ -332,12 +345,16 @@ impl Report {
             .iter()
             .map(|p| {
                 let s = stats(p);
+                // Same-node dataplanes compare with native and the reference,
+                // cross-node ones with the underlay between their nodes.
+                let cross = is_cross_node(p.dp.name);
                 Row {
                     name: p.dp.name,
                     summary: p.dp.summary,
                     rounds: p.values.clone(),
-                    vs_native: ratio(&s, &native),
-                    vs_ref: ratio(&s, &reference),
+                    vs_native: if cross { None } else { ratio(&s, &native) },
+                    vs_ref: if cross { None } else { ratio(&s, &reference) },
+                    vs_underlay: if cross { ratio(&s, &underlay) } else { None },
                     stats: s,
                 }
             })
@@ -389,6 +406,7 @@ impl Report {
                 })),
                 "ratio_to_native": ratios(&r.vs_native),
                 "ratio_to_ref": ratios(&r.vs_ref),
+                "ratio_to_underlay": ratios(&r.vs_underlay),
             })).collect::<Vec<_>>(),
         })
     }
@@ -403,7 +421,7 @@ impl Report {
             machine.kernel, machine.cpus, machine.model, load.0, load.1
         );
         println!(
-            "two pods on one node, IPv4; latency: TCP {PAYLOAD}-byte request/response, {} round trips per round \
+            "two pods on one node (cross-node: on two lab nodes), IPv4; latency: TCP {PAYLOAD}-byte request/response, {} round trips per round \
              after {}; throughput: {iperf3}, {} s per test",
             cfg.samples, cfg.warmup, cfg.iperf_secs
         );
@@ -435,9 +453,13 @@ impl Report {
         let mut header = vec!["ratio of medians".to_string()];
         header.extend(METRICS.iter().map(|m| m.head.to_string()));
         let mut rows = Vec::new();
-        for (base, pick) in [(NATIVE, 0), (REFERENCE, 1)] {
+        for (base, pick) in [(NATIVE, 0), (REFERENCE, 1), (UNDERLAY, 2)] {
             for r in self.rows.iter().filter(|r| r.name != base) {
-                let ratios = if pick == 0 { &r.vs_native } else { &r.vs_ref };
+                let ratios = match pick {
+                    0 => &r.vs_native,
+                    1 => &r.vs_ref,
+                    _ => &r.vs_underlay,
+                };
                 if let Some(x) = ratios {
                     let mut row = vec![format!("{} / {base}", r.name)];
                     row.extend(x.iter().map(|v| format!("{v:.2}x")));

@@ -22,6 +22,8 @@ use super::{Invocation, Workspace};
 pub const NATIVE: &str = "native";
 /// The peer every ratio is also taken against.
 pub const REFERENCE: &str = "ref-bridge";
+/// The limit of the cross-node dataplanes (node to node, no pods).
+pub const UNDERLAY: &str = "underlay";
 
 pub struct Dataplane {
     pub name: &'static str,
@@ -121,6 +123,25 @@ pub fn registry() -> Vec<Dataplane> {
                 },
             }),
             pair: cni_pair,
+        },
+        // Cross-node: two-node labs (tern-lab); compare these with `underlay`.
+        Dataplane {
+            name: UNDERLAY,
+            summary: "node to node over the lab's underlay segment (no pods): the limit of the cross-node dataplanes",
+            cni: None,
+            pair: super::crossnode::underlay_pair,
+        },
+        Dataplane {
+            name: "direct",
+            summary: "pod to pod on two lab nodes, tern agent routing direct (host-gw), routed pods, cluster IPAM",
+            cni: None,
+            pair: super::crossnode::direct_pair,
+        },
+        Dataplane {
+            name: "vxlan",
+            summary: "pod to pod on two lab nodes, tern agent routing vxlan (port 8472, learning off), routed pods",
+            cni: None,
+            pair: super::crossnode::vxlan_pair,
         },
     ]
 }

@@ -30,6 +30,7 @@ use nix::unistd::Pid;
 use tern_sys::netns::{self, NetNs};
 
 mod cluster;
+mod crossnode;
 mod cni;
 mod datapath;
 mod dataplanes;
@@ -96,6 +97,8 @@ fn preflight(what: &str) -> Result<()> {
 pub(crate) struct Workspace {
     /// Pinned namespaces, removed on drop.
     netns: Mutex<Vec<PathBuf>>,
+    /// Labs (cross-node dataplanes), brought down on drop.
+    labs: Mutex<Vec<tern_lab::spec::Lab>>,
     /// Set once created.
     work_dir: Option<PathBuf>,
     pub data_dir: PathBuf,
@@ -109,6 +112,7 @@ impl Workspace {
         let work_dir = std::env::temp_dir().join(format!("tern-bench-{pid}"));
         let mut ws = Workspace {
             netns: Mutex::new(Vec::new()),
+            labs: Mutex::new(Vec::new()),
             work_dir: None,
             data_dir: work_dir.join("data"),
             tern_dir: PathBuf::new(),
@@ -154,6 +158,16 @@ impl Workspace {
             netns::create(&path).with_context(|| format!("creating the netns {} (are you root?)", path.display()))?;
         self.netns.lock().unwrap_or_else(|e| e.into_inner()).push(path);
         Ok(ns)
+    }
+
+    /// Brings up a lab named `tb-<pid>-<label>` (see tern-lab), brought down
+    /// when the workspace is dropped.
+    pub fn lab(&self, label: &str, spec: tern_lab::spec::LabSpec) -> Result<tern_lab::state::LabState> {
+        let name = format!("tb-{}-{label}", std::process::id());
+        let lab = tern_lab::spec::Lab::new(&name).map_err(anyhow::Error::msg)?;
+        self.labs.lock().unwrap_or_else(|e| e.into_inner()).push(lab.clone());
+        let tern = std::env::current_exe().context("locating the running executable")?;
+        tern_lab::up(&lab, spec, &tern, &mut tern_lab::Quiet).with_context(|| format!("lab {name}"))
     }
 
     /// A private IPAM data directory for `name` (inside the workspace).
@@ -223,6 +237,11 @@ impl Workspace {
 
 impl Drop for Workspace {
     fn drop(&mut self) {
+        for lab in std::mem::take(self.labs.get_mut().unwrap_or_else(|e| e.into_inner())) {
+            if let Err(e) = tern_lab::down(&lab) {
+                eprintln!("tern bench: cannot remove lab {}: {e:#}", lab.name);
+            }
+        }
         // Unpin the namespaces; once the last descriptor on one is closed the
         // kernel destroys it, and with it every link a failed run left behind.
         let paths = std::mem::take(self.netns.get_mut().unwrap_or_else(|e| e.into_inner()));
