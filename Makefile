@@ -18,7 +18,7 @@ STATIC := RUSTFLAGS='-C target-feature=+crt-static'
 CARGO_FLAGS := --release --target $(HOST)
 TERN := target/$(HOST)/release/tern
 
-.PHONY: all setup build test demo bench lint clean
+.PHONY: all setup build test demo demo-cni bench lint clean
 
 all: build
 
@@ -41,6 +41,11 @@ test: setup
 demo: setup
 	$(STATIC) $(CARGO) build $(CARGO_FLAGS)
 	TERN=$(TERN) bash scripts/demo.sh
+
+# The single-node CNI demo: three pods on a bridge through `tern cni`.
+demo-cni: setup
+	$(STATIC) $(CARGO) build $(CARGO_FLAGS)
+	TERN=$(TERN) bash scripts/demo-cni.sh
 
 bench: setup
 	$(STATIC) $(CARGO) build $(CARGO_FLAGS)

@@ -262,11 +262,15 @@ impl Report {
     /// per cell; then the verdict per kind of path.
     pub fn render(&self) -> String {
         let mut rows: Vec<&str> = Vec::new();
-        let mut cols: Vec<&str> = Vec::new();
         for c in &self.cells {
             if !rows.contains(&c.from.as_str()) {
                 rows.push(&c.from);
             }
+        }
+        // Destinations in the sources' order, then those that are never a
+        // source (the external host), so the diagonal is the diagonal.
+        let mut cols: Vec<&str> = rows.iter().copied().filter(|r| self.cells.iter().any(|c| c.to == *r)).collect();
+        for c in &self.cells {
             if !cols.contains(&c.to.as_str()) {
                 cols.push(&c.to);
             }
@@ -308,7 +312,7 @@ impl Report {
             let median = ms.get(ms.len() / 2).copied().unwrap_or(0.0);
             let verdict = if bad == 0 { "PASS" } else { "FAIL" };
             out.push_str(&format!(
-                "{verdict}  {:<28} {ok:>3}/{:<3} connect+answer median {median:.2} ms\n",
+                "{verdict}  {:<38} {ok:>3}/{:<3} connect+answer median {median:.2} ms\n",
                 k.label(),
                 ok + bad
             ));
