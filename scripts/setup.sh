@@ -18,6 +18,8 @@ PACKAGES=(
   etcd-server                  # /usr/bin/etcd: the cluster datastore in the store/IPAM tests (started per test, loopback)
   protobuf-compiler            # protoc: etcd-client's build script compiles etcd's protobufs
   libprotobuf-dev              # google/protobuf/*.proto, which etcd's protobufs import (a Recommends we skip)
+  clang                        # compiles the eBPF fast path (bpf/tern_fastpath.c) in crates/bpf's build script
+  libbpf-dev                   # bpf/bpf_helpers.h and friends for that C program (headers only; nothing links libbpf)
 )
 # A C linker for cargo.
 command -v cc >/dev/null 2>&1 || PACKAGES+=(gcc libc6-dev)

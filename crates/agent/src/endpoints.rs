@@ -43,7 +43,6 @@ use tern_ipam::block::block_containing;
 use tern_store::ipam::{get_block, list_blocks, list_pools, Versioned};
 use tern_store::{keys, Datastore, StoreError};
 
-
 /// What the plugin knows about the attachment at ADD: `CNI_CONTAINERID`,
 /// `CNI_IFNAME`, `CNI_NETNS`, and `K8S_POD_NAMESPACE` / `K8S_POD_NAME` from
 /// `CNI_ARGS`. Sent as the `endpoint` of an allocate request.

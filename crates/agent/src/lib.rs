@@ -41,8 +41,8 @@ pub mod gc;
 pub mod ipam;
 pub mod journal;
 pub mod proto;
-pub mod warm;
 pub mod routing;
+pub mod warm;
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
@@ -57,11 +57,11 @@ use serde::{Deserialize, Serialize};
 use tern_store::ipam::{ensure_pool, reconcile_affinities};
 use tern_store::{keys, Datastore, LeaseId, StoreError};
 
-pub use ipam::{IpamOptions, NodeIpam, OpError, PoolConfig};
-pub use warm::{WarmConfig, WARM_HANDLE_PREFIX};
 pub use endpoints::{EndpointInfo, EndpointRecord, Endpoints};
 pub use gc::{GcConfig, GcReport};
+pub use ipam::{IpamOptions, NodeIpam, OpError, PoolConfig};
 use proto::{ErrorKind, Request, Response};
+pub use warm::{WarmConfig, WARM_HANDLE_PREFIX};
 
 /// Whether `handle` is one of a node's own addresses rather than a pod's:
 /// its warm pool (`@warm/<node>/...`) or its VXLAN tunnel address

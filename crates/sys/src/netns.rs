@@ -127,6 +127,34 @@ impl NetNs {
     }
 }
 
+/// The cookie of the calling thread's network namespace (`SO_NETNS_COOKIE`,
+/// Linux 5.14+): unique while the machine runs and never reused, unlike the
+/// namespace's inode number. eBPF programs read the same value with
+/// `bpf_get_netns_cookie`, which makes it the key of per-namespace state in
+/// maps shared by all namespaces.
+pub fn current_cookie() -> Result<u64> {
+    /// `<asm-generic/socket.h>` (x86 and arm use the generic values).
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    // SAFETY: plain syscalls on a descriptor we own; getsockopt writes at
+    // most `len` bytes into `cookie`.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(SysError::nix("socket for the netns cookie", CURRENT_THREAD_NETNS, Errno::last()));
+    }
+    // SAFETY: fd was just returned by socket() and is owned by nothing else.
+    let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: see above.
+    let rc = unsafe {
+        libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, (&mut cookie as *mut u64).cast(), &mut len)
+    };
+    if rc != 0 {
+        return Err(SysError::nix("getsockopt SO_NETNS_COOKIE", CURRENT_THREAD_NETNS, Errno::last()));
+    }
+    Ok(cookie)
+}
+
 impl AsFd for NetNs {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()

@@ -14,7 +14,19 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tern_testkit::*;
 
-const DATAPLANES: [&str; 4] = ["native", "tern-bridge", "tern-routed", "ref-bridge"];
+const DATAPLANES: [&str; 9] = [
+    "native",
+    "tern-bridge",
+    "tern-routed",
+    "tern-bridge-ebpf",
+    "tern-routed-ebpf",
+    "ref-bridge",
+    "underlay",
+    "direct",
+    "vxlan",
+];
+/// Measured between two lab nodes: compared with the underlay, not native.
+const CROSS_NODE: [&str; 3] = ["underlay", "direct", "vxlan"];
 const CNI_DATAPLANES: [&str; 3] = ["tern-bridge", "tern-routed", "ref-bridge"];
 const DATAPATH_METRICS: [&str; 7] = [
     "latency_p50_us",
@@ -129,13 +141,19 @@ fn datapath_tiny_reports_every_dataplane_and_metric() {
             let (med, min, max) = (sane(&s["median"], &what), sane(&s["min"], &what), sane(&s["max"], &what));
             assert!(min <= med && med <= max, "{what}: min {min} median {med} max {max}");
             assert_eq!(s["rounds"].as_array().map(Vec::len), Some(1), "{what}: one value per round: {s}");
-            sane(&dp["ratio_to_native"][m], &format!("{what} ratio to native"));
-            sane(&dp["ratio_to_ref"][m], &format!("{what} ratio to ref-bridge"));
+            if CROSS_NODE.contains(name) {
+                sane(&dp["ratio_to_underlay"][m], &format!("{what} ratio to the underlay"));
+                assert!(dp["ratio_to_native"].is_null(), "{what}: cross-node rows have no ratio to native");
+            } else {
+                sane(&dp["ratio_to_native"][m], &format!("{what} ratio to native"));
+                sane(&dp["ratio_to_ref"][m], &format!("{what} ratio to ref-bridge"));
+            }
         }
     }
-    // The limit is its own reference.
+    // The limits are their own references.
     for m in DATAPATH_METRICS {
         assert_eq!(dataplane(&report, "native")["ratio_to_native"][m], 1.0, "{m}");
+        assert_eq!(dataplane(&report, "underlay")["ratio_to_underlay"][m], 1.0, "{m}");
     }
     // Latency percentiles are ordered.
     for name in &names {

@@ -36,6 +36,12 @@
 //! host port (tern-portmap or any DNAT on the node) forwards to the pod:
 //! publishing a port is an explicit decision to expose it.
 //!
+//! Pods of tern's eBPF dataplane (`"dataplane": "ebpf"`) skip the node's
+//! forward chain when both ends are local fast-path pods; ADD therefore
+//! takes the pod off the fast path (its endpoint entry loses the fast flag),
+//! so its traffic in both directions meets this table, and CHECK fails if it
+//! is back on it.
+//!
 //! Every element carries the owner tag, so DEL needs neither prevResult nor
 //! the netns, and GC finds stale attachments. A network's chain and sets go
 //! with its last pod, the table with the last pod of all.
@@ -241,6 +247,9 @@ impl Plugin for FirewallPlugin {
             }
         }
         common::apply(&add_script(&group, policy, bridge.as_deref(), &owner, &ips, listing.as_ref()))?;
+        // The eBPF fast path (tern's `"dataplane": "ebpf"`) would carry this
+        // pod's traffic past the forward chain: take the pod off it.
+        crate::pod::fastpath::bypass_off(&ips)?;
         Ok(prev.clone())
     }
 
@@ -257,7 +266,14 @@ impl Plugin for FirewallPlugin {
         if ips.is_empty() {
             return Ok(());
         }
-        check(&group_chain(&req.conf.name), &common::owner(req), &ips)
+        check(&group_chain(&req.conf.name), &common::owner(req), &ips)?;
+        let fast = crate::pod::fastpath::still_fast(&ips)?;
+        if !fast.is_empty() {
+            return Err(CniError::internal(format!(
+                "{fast:?} on the eBPF fast path: their traffic bypasses tern-firewall"
+            )));
+        }
+        Ok(())
     }
 
     fn status(&self, req: &Request) -> Result<(), CniError> {

@@ -13,11 +13,27 @@ pub enum Mode {
     Routed,
 }
 
+/// How packets between two pods of the node travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Dataplane {
+    /// Through the node's kernel: veth, then routing or bridging, netfilter.
+    #[default]
+    Kernel,
+    /// tern's eBPF fast path (crates/bpf): packets between two local pods
+    /// of this dataplane go from one veth straight into the other pod,
+    /// skipping the node's forwarding and netfilter. Anything else still
+    /// takes the kernel path.
+    Ebpf,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PodConf {
     #[serde(default)]
     pub mode: Mode,
+    #[serde(default)]
+    pub dataplane: Dataplane,
     #[serde(default = "default_bridge")]
     pub bridge: String,
     #[serde(default)]

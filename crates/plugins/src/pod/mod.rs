@@ -4,7 +4,36 @@
 //! ADD records nothing on disk: every kernel object it makes is named or
 //! tagged from (network, container id, ifname), so DEL, CHECK and GC work from
 //! the kernel state alone, even after a crash.
+//!
+//! # `dataplane`: `"kernel"` (default) or `"ebpf"`
+//!
+//! With `"ebpf"`, ADD also attaches tern's eBPF fast path (crates/bpf,
+//! `bpf/tern_fastpath.c`) at tc ingress of the host veth and registers the
+//! pod's addresses in the node's endpoint map: a packet from one local `ebpf`
+//! pod to another goes by `bpf_redirect_peer` straight into the destination
+//! pod (routed: as a router would send it, TTL/hop limit decremented; bridge:
+//! as the bridge would, between pods of the same bridge), skipping the second
+//! veth crossing, the node's forwarding and **the node's netfilter** (forward
+//! chain, and the bridge's br_netfilter). Everything else keeps the kernel
+//! path: traffic to and from the node, other nodes and the outside
+//! (masquerade, host ports), ARP and neighbour discovery, a pod reaching
+//! itself, packets whose source address or MAC is not the sending pod's.
+//!
+//! The default stays `"kernel"` because the fast path is invisible to rules
+//! an operator or another component puts in the node's forward chain. tern's
+//! own rules keep working: tern-firewall takes the pods it is chained for off
+//! the fast path (both directions, see `meta::firewall`); tern-portmap's host
+//! ports are DNAT on the node, so they never look like pod-to-pod traffic,
+//! and their hairpin replies come back masqueraded to the node. Not
+//! honoured on the fast path: tern-bandwidth's limits on pod-to-pod traffic
+//! of the same node (as with Cilium's bandwidth manager, which shapes only
+//! traffic leaving the node); tern-bandwidth's egress limit needs the host
+//! veth's `ingress` qdisc, which the fast path's `clsact` occupies, so that
+//! combination fails at ADD with a clear error. A kernel without the needed
+//! BPF support (cls_bpf, `bpf_redirect_peer`) fails the ADD with an error
+//! that says so; use `"kernel"` there.
 mod config;
+pub mod fastpath;
 pub mod nft;
 pub mod reap;
 
@@ -17,7 +46,7 @@ use tern_sys::netlink::{format_mac, parse_mac, LinkInfo, Mac, Netlink, RouteSpec
 use tern_sys::netns::NetNs;
 use tern_sys::{sysctl, SysError};
 
-pub use config::{Mode, PodConf};
+pub use config::{Dataplane, Mode, PodConf};
 
 use crate::delegate;
 use crate::fault;
@@ -119,6 +148,7 @@ struct Made {
     veth: bool,
     masq: bool,
     spoof: bool,
+    fastpath: bool,
 }
 
 impl Plugin for PodPlugin {
@@ -155,6 +185,10 @@ impl Plugin for PodPlugin {
         let target = Target::of(req);
         let mut errors: Vec<CniError> = Vec::new();
 
+        // Whatever the dataplane now: the config may have changed since ADD.
+        if let Err(e) = fastpath::remove_for_veth(&target.host_veth) {
+            errors.push(e);
+        }
         if let Err(e) = remove_veth(req, &target) {
             errors.push(e);
         }
@@ -203,6 +237,10 @@ impl Plugin for PodPlugin {
         match gc_links(&stale) {
             Ok(()) => {}
             Err(e) => errors.push(e),
+        }
+        // After gc_links: the entries of the veths it just deleted go too.
+        if let Err(e) = fastpath::remove_stale() {
+            errors.push(e);
         }
         if let Err(e) = delegate::ipam_gc(req) {
             errors.push(e);
@@ -266,6 +304,9 @@ fn undo(req: &Request, target: &Target, made: &Made) {
     }
     if made.masq {
         let _ = nft::remove_owned("inet", nft::MASQ_TABLE, &|c| c == target.owner);
+    }
+    if made.fastpath {
+        let _ = fastpath::remove_for_veth(&target.host_veth);
     }
     if made.veth {
         let _ = Netlink::new().and_then(|nl| nl.delete_link(&target.host_veth));
@@ -412,6 +453,17 @@ fn setup(
         made.spoof = true;
         let pod_mac = pv.mac.as_ref().map(format_mac).unwrap_or_default();
         nft::spoof_add(&target.host_veth, &pod_mac, &target.owner)?;
+    }
+    match conf.dataplane {
+        Dataplane::Ebpf => {
+            made.fastpath = true;
+            fastpath::register(&hv, pv.mac, bridge.as_ref().map(|b| b.index), &ipam.ips)?;
+        }
+        // Best effort: the default dataplane must not fail on the node's
+        // BPF state; GC sweeps what this misses.
+        Dataplane::Kernel => {
+            let _ = fastpath::forget_addresses(&ipam.ips);
+        }
     }
     Ok(result)
 }

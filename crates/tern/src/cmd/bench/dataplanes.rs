@@ -105,6 +105,48 @@ pub fn registry() -> Vec<Dataplane> {
             pair: cni_pair,
         },
         Dataplane {
+            name: "tern-bridge-ebpf",
+            summary: "tern-bridge with dataplane ebpf: tc fast path, bpf_redirect_peer between local pods",
+            cni: Some(CniPlugin {
+                plugin: "tern",
+                reference: false,
+                conf: |data| {
+                    json!({
+                        "cniVersion": "1.0.0",
+                        "name": "bench-tern-bridge-ebpf",
+                        "type": "tern",
+                        "mode": "bridge",
+                        "bridge": "ebench0",
+                        "isGateway": true,
+                        "ipMasq": false,
+                        "dataplane": "ebpf",
+                        "ipam": {"type": "tern-ipam", "ranges": [[{"subnet": "10.251.4.0/24"}]], "dataDir": data},
+                    })
+                },
+            }),
+            pair: ebpf_pair,
+        },
+        Dataplane {
+            name: "tern-routed-ebpf",
+            summary: "tern-routed with dataplane ebpf: tc fast path, bpf_redirect_peer between local pods",
+            cni: Some(CniPlugin {
+                plugin: "tern",
+                reference: false,
+                conf: |data| {
+                    json!({
+                        "cniVersion": "1.0.0",
+                        "name": "bench-tern-routed-ebpf",
+                        "type": "tern",
+                        "mode": "routed",
+                        "ipMasq": false,
+                        "dataplane": "ebpf",
+                        "ipam": {"type": "tern-ipam", "ranges": [[{"subnet": "10.251.5.0/24"}]], "dataDir": data},
+                    })
+                },
+            }),
+            pair: ebpf_pair,
+        },
+        Dataplane {
             name: REFERENCE,
             summary: "reference bridge + host-local (/usr/lib/cni), isGateway",
             cni: Some(CniPlugin {
@@ -192,8 +234,13 @@ pub fn node(dp: &Dataplane, ws: &Workspace) -> Result<NetNs> {
 /// a server pod. Never deleted: removing the namespaces at the end takes
 /// everything with them.
 pub fn cni_pair(dp: &Dataplane, ws: &Workspace) -> Result<Pair> {
-    let cni = dp.cni.as_ref().ok_or_else(|| anyhow!("{} has no CNI plugin", dp.name))?;
     let node = node(dp, ws)?;
+    cni_pair_in(dp, ws, &node)
+}
+
+/// [`cni_pair`] in a given node namespace.
+fn cni_pair_in(dp: &Dataplane, ws: &Workspace, node: &NetNs) -> Result<Pair> {
+    let cni = dp.cni.as_ref().ok_or_else(|| anyhow!("{} has no CNI plugin", dp.name))?;
     let conf = (cni.conf)(&ws.data(dp.name)).to_string();
     let mut pods = Vec::new();
     for role in ["client", "server"] {
@@ -204,7 +251,7 @@ pub fn cni_pair(dp: &Dataplane, ws: &Workspace) -> Result<Pair> {
             plugin: cni,
             command: "ADD",
             container_id: &container_id,
-            node: &node,
+            node,
             pod: &pod,
             conf: &conf,
         })?;
@@ -222,4 +269,15 @@ pub fn cni_pair(dp: &Dataplane, ws: &Workspace) -> Result<Pair> {
     let (server, server_ip) = pods.pop().expect("two pods");
     let (client, _) = pods.pop().expect("two pods");
     Ok(Pair { client, server, server_ip })
+}
+
+/// [`cni_pair`] for the eBPF dataplanes, then the node's bpffs pins are
+/// removed: the pods' tc filters hold the program and its map from now on,
+/// and go with the namespaces the workspace removes, so a bench run leaves
+/// nothing in /sys/fs/bpf (its pods are never deleted, see [`cni_pair`]).
+pub fn ebpf_pair(dp: &Dataplane, ws: &Workspace) -> Result<Pair> {
+    let node = node(dp, ws)?;
+    let pair = cni_pair_in(dp, ws, &node)?;
+    node.enter(tern_bpf::unpin_current_netns)?.context("removing the node's eBPF fast path pins")?;
+    Ok(pair)
 }

@@ -30,8 +30,8 @@ use nix::unistd::Pid;
 use tern_sys::netns::{self, NetNs};
 
 mod cluster;
-mod crossnode;
 mod cni;
+mod crossnode;
 mod datapath;
 mod dataplanes;
 mod svg;
@@ -249,6 +249,10 @@ impl Drop for Workspace {
             if let Err(e) = netns::remove(&path) {
                 eprintln!("tern bench: cannot remove {}: {e}", path.display());
             }
+        }
+        // The eBPF dataplanes' pins of node namespaces that are now gone.
+        if let Err(e) = tern_bpf::sweep_dead_namespaces() {
+            eprintln!("tern bench: cannot sweep eBPF pins of removed namespaces: {e}");
         }
         if let Some(dir) = self.work_dir.take() {
             if let Err(e) = std::fs::remove_dir_all(&dir) {
