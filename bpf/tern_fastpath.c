@@ -20,7 +20,7 @@
  * the pod's).
  *
  * One instance (program and map) per node network namespace, pinned under
- * /sys/fs/bpf/tern/ by the namespace's cookie (see crates/bpf): a map keyed
+ * /run/tern/bpf/ by the namespace's cookie (see crates/bpf): a map keyed
  * by address alone cannot serve two namespaces, and the program cannot
  * tell which namespace it runs in (bpf_get_netns_cookie(skb) answers with
  * the namespace of the *sending socket*, i.e. the pod's, or init_net).
