@@ -206,10 +206,12 @@ fn auto_two_subnets_direct_inside_vxlan_across_and_nodes_join_and_leave() {
     let t0 = Instant::now();
     let reached = wait_until(Duration::from_secs(1), || p1.iter().all(|ns| connects(ns, target, 18080)));
     assert!(reached, "n4-p1 not reachable from every node's pods within 1 s ({:?})", t0.elapsed());
+    eprintln!("n4-p1 reachable from every node's pods {:?} after `node add` returned", t0.elapsed());
     lab.matrix();
 
     // Removing it removes its routes, neighbours and FDB entries everywhere.
     lab.ok(&["node", "remove", "n4"]);
+    let t0 = Instant::now();
     let clean = wait_until(Duration::from_secs(1), || {
         ["n1", "n2", "n3"].iter().all(|n| {
             let all = lab.sh(n, "ip route show proto 84; ip neigh show dev tern.vxlan; bridge fdb show dev tern.vxlan");
@@ -217,6 +219,7 @@ fn auto_two_subnets_direct_inside_vxlan_across_and_nodes_join_and_leave() {
         })
     });
     assert!(clean, "n4's entries left behind");
+    eprintln!("n4's routes, neighbours and FDB entries gone everywhere {:?} after `node remove` returned", t0.elapsed());
     assert!(!lab.namespaces().iter().any(|n| n.ends_with("-n4") || n.contains("-n4-")));
     lab.matrix();
 }
