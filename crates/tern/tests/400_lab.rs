@@ -219,7 +219,10 @@ fn auto_two_subnets_direct_inside_vxlan_across_and_nodes_join_and_leave() {
         })
     });
     assert!(clean, "n4's entries left behind");
-    eprintln!("n4's routes, neighbours and FDB entries gone everywhere {:?} after `node remove` returned", t0.elapsed());
+    eprintln!(
+        "n4's routes, neighbours and FDB entries gone everywhere {:?} after `node remove` returned",
+        t0.elapsed()
+    );
     assert!(!lab.namespaces().iter().any(|n| n.ends_with("-n4") || n.contains("-n4-")));
     lab.matrix();
 }
