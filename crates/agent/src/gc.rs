@@ -246,6 +246,9 @@ pub struct GcReport {
     pub leaks_freed: Vec<LeakCandidate>,
     /// Handles whose endpoint records were deleted (freed or stale).
     pub endpoint_records_removed: Vec<String>,
+    /// Dead nodes whose last block was reclaimed: their routing records
+    /// were withdrawn.
+    pub routing_records_withdrawn: Vec<String>,
     /// Records that could not be read (skipped, never freed because of them).
     pub warnings: Vec<String>,
 }
@@ -256,7 +259,8 @@ impl GcReport {
         !(self.empty_blocks_released.is_empty()
             && self.dead_node_blocks_reclaimed.is_empty()
             && self.leaks_freed.is_empty()
-            && self.endpoint_records_removed.is_empty())
+            && self.endpoint_records_removed.is_empty()
+            && self.routing_records_withdrawn.is_empty())
     }
 
     /// One line for logs.
@@ -276,6 +280,9 @@ impl GcReport {
         }
         if !self.endpoint_records_removed.is_empty() {
             parts.push(format!("removed {} endpoint records", self.endpoint_records_removed.len()));
+        }
+        if !self.routing_records_withdrawn.is_empty() {
+            parts.push(format!("withdrew the routing records of {}", self.routing_records_withdrawn.join(" ")));
         }
         parts.push(format!(
             "{} leak candidates, {} blocks waiting",
@@ -732,6 +739,26 @@ pub(crate) fn collect(
         if !blocks.contains_key(cidr) {
             run.drop_mark(&keys::idle_block(cidr), *rev)?;
         }
+    }
+    // A dead node whose last block this run reclaimed is gone for good: its
+    // routing record goes too, so peers drop their neighbour and FDB
+    // entries for it (its block routes went with the blocks).
+    let released: HashSet<IpNet> =
+        run.report.empty_blocks_released.iter().chain(&run.report.dead_node_blocks_reclaimed).map(|c| c.cidr).collect();
+    let owners: HashSet<&str> =
+        blocks.iter().filter(|(c, _)| !released.contains(c)).map(|(_, b)| b.value.node.as_str()).collect();
+    let gone: BTreeSet<String> = run
+        .report
+        .dead_node_blocks_reclaimed
+        .iter()
+        .map(|c| c.node.clone())
+        .filter(|n| !owners.contains(n.as_str()) && !live.contains(n) && ctx.this_node != Some(n.as_str()))
+        .collect();
+    for node in gone {
+        if !dry_run {
+            crate::routing::withdraw(store, &node)?;
+        }
+        run.report.routing_records_withdrawn.push(node);
     }
     Ok(run.report)
 }

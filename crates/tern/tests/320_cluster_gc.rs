@@ -455,6 +455,15 @@ fn dead_nodes_blocks_reclaimed_after_grace_only_when_unused() {
     assert_eq!(nodes_in(&*store), ["alive", "doomed"]);
 
     // The node stops renewing its lease: it disappears after the TTL.
+    // How peers reach the doomed node: its routing record outlives its lease.
+    let rec = tern_agent::routing::RoutingRecord {
+        name: "doomed".into(),
+        underlay: "10.10.9.9/24".parse().unwrap(),
+        vtep: None,
+        mode: tern_routing::Mode::Direct,
+    };
+    tern_agent::routing::publish(&*store, &rec).unwrap();
+    let routing_key = format!("{}doomed", tern_agent::routing::ROUTING_PREFIX);
     let t0 = Instant::now();
     doomed.kill9();
     assert!(wait_until(Duration::from_secs(20), || nodes_in(&*store) == ["alive"]), "{}", doomed.log_text());
@@ -486,6 +495,8 @@ fn dead_nodes_blocks_reclaimed_after_grace_only_when_unused() {
     assert!(r3.dead_node_blocks_reclaimed.is_empty(), "{r3:#?}");
     assert_eq!(r3.blocks_waiting[0].in_use, 1);
     assert_eq!(held(&*store, borrowed), Some(handle("borrowed")));
+    assert!(r3.routing_records_withdrawn.is_empty(), "withdrawn while it still owns a block: {r3:#?}");
+    assert!(store.get(&routing_key).unwrap().is_some());
     assert_eq!(endpoints::get_by_pod(&*store, "ns", "d1", "eth0").unwrap(), None);
     assert!(endpoints::get_by_handle(&*store, &handle("d2")).unwrap().is_none());
 
@@ -503,6 +514,10 @@ fn dead_nodes_blocks_reclaimed_after_grace_only_when_unused() {
     assert_eq!(snapshot(&*store), before, "dry run wrote");
     let r4 = gc::run_once(&*store, None, &cfg, false).unwrap();
     assert_eq!(r4.dead_node_blocks_reclaimed.iter().map(|b| b.cidr).collect::<Vec<_>>(), [cidr], "{r4:#?}");
+    // Its last block gone, the dead node is gone for good: peers drop it.
+    assert_eq!(dry.routing_records_withdrawn, ["doomed"]);
+    assert_eq!(r4.routing_records_withdrawn, ["doomed"]);
+    assert!(store.get(&routing_key).unwrap().is_none());
     assert!(list_blocks(&*store).unwrap().is_empty());
     assert!(keys_under(&*store, &keys::affinity_prefix("doomed").unwrap()).is_empty());
     for prefix in [keys::IPAM_IDLE, keys::IPAM_LEAKS, keys::ATTACHMENTS, keys::ENDPOINTS] {
