@@ -258,7 +258,7 @@ impl FastPath {
         let (cookie, dir) = current_dir()?;
         let lock = lock()?;
         if !prog_pin(&dir).exists() || !map_pin(&dir).exists() {
-            ensure_bpffs()?;
+            ensure_bpffs_locked()?;
             // A rare event (a new node namespace): the moment to forget
             // dead ones.
             sweep_locked();
@@ -409,6 +409,14 @@ impl FastPath {
 /// it; tests call it from the host's mount namespace before starting
 /// plugins in private ones.
 pub fn ensure_bpffs() -> Result<()> {
+    // Under the load lock: two processes that both found it unmounted would
+    // otherwise both mount, and the second mount would hide the first one's
+    // pins.
+    let _lock = lock()?;
+    ensure_bpffs_locked()
+}
+
+fn ensure_bpffs_locked() -> Result<()> {
     std::fs::create_dir_all(BPFFS).map_err(|e| err(format!("create {BPFFS}"), e))?;
     let is_bpffs =
         |p: &str| nix::sys::statfs::statfs(p).map(|s| s.filesystem_type().0 as u64 == BPF_FS_MAGIC).unwrap_or(false);
@@ -417,7 +425,7 @@ pub fn ensure_bpffs() -> Result<()> {
     }
     match nix::mount::mount(Some("bpf"), BPFFS, Some("bpf"), nix::mount::MsFlags::empty(), Some("mode=0700")) {
         Ok(()) => Ok(()),
-        // Mounted by a concurrent ADD.
+        // Mounted by a process that does not take the lock.
         Err(_) if is_bpffs(BPFFS) => Ok(()),
         Err(e) => Err(err(format!("mount bpffs on {BPFFS}"), e)),
     }
