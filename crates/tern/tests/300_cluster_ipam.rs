@@ -8,103 +8,21 @@
 //! is started here and killed by pid.
 use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use serde_json::Value;
 use tern_store::ipam::list_blocks;
-use tern_store::{keys, Datastore, EtcdOptions, EtcdStore, LocalStore};
+use tern_store::{Datastore, LocalStore};
 use tern_testkit::*;
 
-fn tern_bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_tern"))
-}
-
-/// A `tern agent` process; SIGKILLed by pid and reaped on drop.
-struct AgentProc {
-    child: Option<Child>,
-    socket: PathBuf,
-    log: PathBuf,
-    node: String,
-}
-
-impl AgentProc {
-    fn start(dir: &TempDir, node: &str, datastore: &str, extra: &[&str]) -> AgentProc {
-        let socket = dir.join(format!("{node}.sock"));
-        let log = dir.join(format!("{node}.log"));
-        let f = std::fs::File::create(&log).unwrap();
-        let mut cmd = Command::new(tern_bin());
-        cmd.args(["agent", "--node", node, "--datastore", datastore, "--socket"])
-            .arg(&socket)
-            // The journal stays in the test's directory, never in /var/lib.
-            .arg("--state-dir")
-            .arg(dir.join(format!("{node}.state")))
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().unwrap())
-            .stderr(f);
-        let child = cmd.spawn().expect("spawn tern agent");
-        let mut a = AgentProc { child: Some(child), socket, log, node: node.to_string() };
-        let ok = wait_until(Duration::from_secs(20), || a.log_text().contains("ready on") || !a.running());
-        assert!(ok && a.running(), "agent {node} did not start:\n{}", a.log_text());
-        a
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn running(&mut self) -> bool {
-        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
-    }
-
-    fn pid(&self) -> Pid {
-        Pid::from_raw(self.child.as_ref().expect("running").id() as i32)
-    }
-
-    /// Sends `sig` and waits for the exit; the exit status's code (None if killed by a signal).
-    fn signal_and_wait(&mut self, sig: Signal) -> Option<i32> {
-        kill(self.pid(), sig).unwrap();
-        let st = self.child.take().unwrap().wait().unwrap();
-        st.code()
-    }
-}
-
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGKILL);
-            let _ = c.wait();
-        }
-    }
-}
+mod cluster_kit;
+use cluster_kit::*;
 
 fn conf(socket: &Path) -> String {
-    serde_json::json!({
-        "cniVersion": "1.1.0", "name": "cnet", "type": "tern",
-        "ipam": {"type": "tern-ipam", "allocator": "cluster", "agentSocket": socket}
-    })
-    .to_string()
-}
-
-fn etcd_store(etcd: &Etcd) -> Arc<dyn Datastore> {
-    Arc::new(EtcdStore::connect(&etcd.endpoints(), EtcdOptions::default()).unwrap())
-}
-
-fn nodes_in(store: &dyn Datastore) -> Vec<String> {
-    store
-        .list(keys::NODES)
-        .unwrap()
-        .kvs
-        .iter()
-        .filter_map(|kv| keys::name_under(keys::NODES, &kv.key))
-        .map(String::from)
-        .collect()
+    cluster_conf("cnet", socket)
 }
 
 /// Runs `n` ADDs (containers `<prefix>-<i>`) in `node` against `socket`,

@@ -10,35 +10,25 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use tern_agent::{Agent, AgentConfig, PoolConfig, WarmConfig, WARM_HANDLE_PREFIX};
 use tern_ipam::block::Pool;
 use tern_store::ipam::list_blocks;
-use tern_store::{Datastore, EtcdOptions, EtcdStore};
+use tern_store::Datastore;
 use tern_testkit::*;
 
-fn tern_bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_tern"))
-}
+mod cluster_kit;
+use cluster_kit::*;
 
 const NET: &str = "onet";
 
 fn conf(socket: &Path) -> String {
-    serde_json::json!({
-        "cniVersion": "1.1.0", "name": NET, "type": "tern",
-        "ipam": {"type": "tern-ipam", "allocator": "cluster", "agentSocket": socket}
-    })
-    .to_string()
+    cluster_conf(NET, socket)
 }
 
 fn handle(cid: &str) -> String {
-    format!("{NET}/{cid}/eth0")
-}
-
-fn etcd_store(etcd: &Etcd) -> Arc<dyn Datastore> {
-    Arc::new(EtcdStore::connect(&etcd.endpoints(), EtcdOptions::default()).unwrap())
+    cluster_handle(NET, cid)
 }
 
 fn start_agent(etcd: &Etcd, dir: &TempDir, node: &str, pool: &str, warm: u32) -> Result<Agent, tern_agent::AgentError> {

@@ -16,25 +16,21 @@
 //! the leak collector after the leak grace period, an address held by a
 //! live node's pod (borrowed) keeps the block until that pod releases it.
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use tern_agent::endpoints::{self, EndpointRecord};
 use tern_agent::gc::{self, GcConfig, GcReport, IdleReason, LeakReason};
 use tern_agent::{Agent, AgentConfig, PoolConfig};
 use tern_ipam::block::Pool;
 use tern_store::ipam::{get_block, list_blocks, write_block};
-use tern_store::{keys, Datastore, EtcdOptions, EtcdStore};
+use tern_store::{keys, Datastore};
 use tern_testkit::*;
 
-fn tern_bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_tern"))
-}
+mod cluster_kit;
+use cluster_kit::*;
 
 const POOL: &str = "10.70.0.0/16";
 const NET: &str = "cnet";
@@ -46,21 +42,6 @@ fn unix_ms() -> u64 {
 /// Waits until the wall clock has passed `due_ms` (a grace period's end).
 fn wait_past(due_ms: u64) {
     assert!(wait_until(Duration::from_secs(60), || unix_ms() > due_ms + 50), "clock never reached {due_ms}");
-}
-
-fn etcd_store(etcd: &Etcd) -> Arc<dyn Datastore> {
-    Arc::new(EtcdStore::connect(&etcd.endpoints(), EtcdOptions::default()).unwrap())
-}
-
-fn nodes_in(store: &dyn Datastore) -> Vec<String> {
-    store
-        .list(keys::NODES)
-        .unwrap()
-        .kvs
-        .iter()
-        .filter_map(|kv| keys::name_under(keys::NODES, &kv.key))
-        .map(String::from)
-        .collect()
 }
 
 /// Every key with its revision, the node registrations aside (leases).
@@ -97,71 +78,17 @@ fn agent(store: &Arc<dyn Datastore>, dir: &TempDir, node: &str, gc: GcConfig) ->
     Agent::start(cfg).unwrap_or_else(|e| panic!("agent {node}: {e}"))
 }
 
-/// A `tern agent` process; SIGKILLed by pid and reaped on drop.
-struct AgentProc {
-    child: Option<Child>,
-    socket: PathBuf,
-    log: PathBuf,
-}
-
-impl AgentProc {
-    fn start(dir: &TempDir, node: &str, datastore: &str) -> AgentProc {
-        let socket = dir.join(format!("{node}.sock"));
-        let log = dir.join(format!("{node}.log"));
-        // Appended to across restarts of the node's agent.
-        let before = std::fs::read_to_string(&log).unwrap_or_default().matches("ready on").count();
-        let f = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
-        let child = Command::new(tern_bin())
-            .args(["agent", "--node", node, "--datastore", datastore, "--pool", POOL, "--lease-ttl", "3"])
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--state-dir")
-            .arg(dir.join(format!("{node}-state")))
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .spawn()
-            .expect("spawn tern agent");
-        let mut a = AgentProc { child: Some(child), socket, log };
-        // "ready on" is logged once the node is registered and the socket serves.
-        let ok = wait_until(Duration::from_secs(20), || {
-            a.log_text().matches("ready on").count() > before
-                || !matches!(a.child.as_mut().unwrap().try_wait(), Ok(None))
-        });
-        assert!(ok && matches!(a.child.as_mut().unwrap().try_wait(), Ok(None)), "agent {node}:\n{}", a.log_text());
-        a
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn kill9(&mut self) {
-        let mut c = self.child.take().expect("running");
-        kill(Pid::from_raw(c.id() as i32), Signal::SIGKILL).unwrap();
-        c.wait().unwrap();
-    }
-}
-
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGKILL);
-            let _ = c.wait();
-        }
-    }
-}
-
 fn conf(socket: &Path) -> String {
-    serde_json::json!({
-        "cniVersion": "1.1.0", "name": NET, "type": "tern",
-        "ipam": {"type": "tern-ipam", "allocator": "cluster", "agentSocket": socket}
-    })
-    .to_string()
+    cluster_conf(NET, socket)
 }
 
 fn handle(cid: &str) -> String {
-    format!("{NET}/{cid}/eth0")
+    cluster_handle(NET, cid)
+}
+
+/// The agent of `node`, with the test's pool and a short lease.
+fn agent_proc(dir: &TempDir, node: &str, datastore: &str) -> AgentProc {
+    AgentProc::start(dir, node, datastore, &["--pool", POOL, "--lease-ttl", "3"])
 }
 
 fn k8s(namespace: &str, pod: &str) -> String {
@@ -426,7 +353,7 @@ fn dead_nodes_blocks_reclaimed_after_grace_only_when_unused() {
     let plugins = Plugins::new(tern_bin());
     let store = etcd_store(&etcd);
     let ds = format!("etcd:{}", etcd.endpoint());
-    let mut doomed = AgentProc::start(&dir, "doomed", &ds);
+    let mut doomed = agent_proc(&dir, "doomed", &ds);
     let alive = agent(&store, &dir, "alive", grace(300, 300));
     let node = Netns::new("gnode");
     let pod = Netns::new("gpod");
@@ -533,7 +460,7 @@ fn node_back_within_grace_keeps_its_addresses() {
     let plugins = Plugins::new(tern_bin());
     let store = etcd_store(&etcd);
     let ds = format!("etcd:{}", etcd.endpoint());
-    let mut n1 = AgentProc::start(&dir, "n1", &ds);
+    let mut n1 = agent_proc(&dir, "n1", &ds);
     let node = Netns::new("gnode");
     let pod = Netns::new("gpod");
     let ip = add(&node, &plugins, &n1.socket, "p", &pod.path(), &k8s("ns", "p"))[0];
@@ -550,7 +477,7 @@ fn node_back_within_grace_keeps_its_addresses() {
     assert!(!keys_under(&*store, keys::IPAM_LEAKS).is_empty());
 
     // Back before the grace periods end: nothing freed, the marks go.
-    let n1 = AgentProc::start(&dir, "n1", &ds);
+    let n1 = agent_proc(&dir, "n1", &ds);
     assert_eq!(nodes_in(&*store), ["n1"]);
     let r = gc::run_once(&*store, None, &cfg, false).unwrap();
     assert!(r.leak_candidates.is_empty() && r.blocks_waiting.is_empty(), "{r:#?}");

@@ -9,8 +9,8 @@
 //! namespace too. Every process is started here and killed by pid.
 use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
@@ -18,89 +18,10 @@ use nix::unistd::Pid;
 use serde_json::{json, Value};
 use tern_testkit::*;
 
-fn tern_bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_tern"))
-}
+mod cluster_kit;
+use cluster_kit::*;
 
 const START: Duration = Duration::from_secs(20);
-
-/// A `tern agent` in the test's own namespace; SIGKILLed by pid and reaped on drop.
-struct AgentProc {
-    child: Option<Child>,
-    socket: PathBuf,
-    log: PathBuf,
-}
-
-impl AgentProc {
-    /// Starts `tern agent <args>` and waits until it serves (or exits).
-    fn spawn(dir: &TempDir, label: &str, socket: PathBuf, args: &[&str]) -> AgentProc {
-        let log = dir.join(format!("{label}.log"));
-        let f = std::fs::File::create(&log).unwrap();
-        let child = Command::new(tern_bin())
-            .arg("agent")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .spawn()
-            .expect("spawn tern agent");
-        let mut a = AgentProc { child: Some(child), socket, log };
-        wait_until(START, || a.log_text().contains("ready on") || !a.running());
-        a
-    }
-
-    fn start(dir: &TempDir, node: &str, datastore: &str, extra: &[&str]) -> AgentProc {
-        let socket = dir.join(format!("{node}.sock"));
-        let state = dir.join(format!("state-{node}"));
-        let mut args = vec![
-            "--node",
-            node,
-            "--datastore",
-            datastore,
-            "--socket",
-            socket.to_str().unwrap(),
-            "--state-dir",
-            state.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        let mut a = AgentProc::spawn(dir, node, socket.clone(), &args);
-        assert!(a.running(), "agent {node} did not start:\n{}", a.log_text());
-        a
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn running(&mut self) -> bool {
-        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
-    }
-
-    /// Waits for an agent that is expected to exit by itself; its exit code.
-    fn wait_exit(&mut self) -> Option<i32> {
-        let ok = wait_until(START, || !self.running());
-        assert!(ok, "agent still running:\n{}", self.log_text());
-        self.child.take().unwrap().wait().unwrap().code()
-    }
-
-    fn signal_and_wait(&mut self, sig: Signal) -> Option<i32> {
-        kill(Pid::from_raw(self.pid() as i32), sig).unwrap();
-        self.child.take().unwrap().wait().unwrap().code()
-    }
-}
-
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGKILL);
-            let _ = c.wait();
-        }
-    }
-}
 
 /// `tern <args>` in the test's namespace (`tern status`/`ipam` have their own timeouts).
 fn tern(args: &[&str]) -> Output {
