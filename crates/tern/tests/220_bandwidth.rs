@@ -1,6 +1,9 @@
 //! tern-bandwidth chained after `tern` (bridge and routed) and after the
 //! reference `bridge`: the rates iperf3 measures between pod and node, the
-//! qdiscs and ifb it makes, DEL, CHECK, GC, validation and undo.
+//! qdiscs and ifb it makes, DEL, CHECK, GC, validation and undo; after
+//! `tern` with the eBPF fast path: the shaped pod taken off the fast path,
+//! the redirect under the fast path's clsact, and DEL and GC leaving the
+//! fast path alone.
 //!
 //! Privileged: run as root. Every test builds its own node and pod namespaces.
 
@@ -14,6 +17,7 @@ use std::time::Duration;
 use common::*;
 use nix::fcntl::{Flock, FlockArg};
 use serde_json::{json, Value};
+use tern_bpf::{Endpoint, FastPath};
 use tern_testkit::*;
 
 /// Shaped rates, bit/s; different per direction so a swap shows.
@@ -29,6 +33,8 @@ const NODE_IP: &str = "192.0.2.1/32";
 enum Main {
     TernBridge,
     TernRouted,
+    /// Routed, `"dataplane": "ebpf"`.
+    TernFast,
     RefBridge,
 }
 
@@ -51,6 +57,7 @@ impl World {
         match main {
             Main::TernBridge => self.node.conf("1.0.0", ranges, json!({ "isGateway": true })),
             Main::TernRouted => self.node.conf("1.0.0", ranges, json!({ "mode": "routed" })),
+            Main::TernFast => self.node.conf("1.0.0", ranges, json!({ "mode": "routed", "dataplane": "ebpf" })),
             Main::RefBridge => json!({
                 "cniVersion": "1.0.0",
                 "name": self.node.network,
@@ -73,7 +80,7 @@ impl World {
     /// The main plugin's ADD; returns its result.
     fn main_add(&self, main: Main, cid: &str, pod: &Netns) -> Value {
         let conf = self.main_conf(main);
-        if matches!(main, Main::TernRouted) && !self.node.ns.addrs("lo").iter().any(|a| a == NODE_IP) {
+        if matches!(main, Main::TernRouted | Main::TernFast) && !self.node.ns.addrs("lo").iter().any(|a| a == NODE_IP) {
             // A routed node talks to its pods from an address of its own.
             self.node.ns.ok(&format!("ip addr add {NODE_IP} dev lo"));
         }
@@ -139,6 +146,43 @@ impl World {
             return Vec::new();
         }
         serde_json::from_slice::<Value>(&out.stdout).expect("tc -j is JSON").as_array().cloned().unwrap_or_default()
+    }
+
+    /// The kinds of `dev`'s qdiscs but the default `noqueue`.
+    fn qdisc_kinds(&self, dev: &str) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .qdiscs(dev)
+            .iter()
+            .filter_map(|q| q["kind"].as_str())
+            .filter(|k| *k != "noqueue")
+            .map(str::to_owned)
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// `tc -s -j qdisc show dev <dev>`: the packets `dev`'s `kind` qdisc sent.
+    fn qdisc_packets(&self, dev: &str, kind: &str) -> u64 {
+        let out = self.node.ns.ok(&format!("tc -s -j qdisc show dev {dev}"));
+        let qs: Value = serde_json::from_str(&out).expect("tc -j is JSON");
+        let q = qs.as_array().unwrap().iter().find(|q| q["kind"] == kind);
+        q.and_then(|q| q["packets"].as_u64()).unwrap_or_else(|| panic!("no {kind} qdisc on {dev}: {out}"))
+    }
+
+    /// `tc -j filter show dev <dev> ingress` in the node (a u32 filter is
+    /// several entries; the one with actions names the mirred's `to_dev`).
+    fn ingress_filters(&self, dev: &str) -> Vec<Value> {
+        let out = self.node.ns.ok(&format!("tc -j filter show dev {dev} ingress"));
+        if out.trim().is_empty() {
+            return Vec::new();
+        }
+        serde_json::from_str::<Value>(&out).expect("tc -j is JSON").as_array().cloned().unwrap_or_default()
+    }
+
+    /// Packets `dev` sent, from `ip -s`.
+    fn tx_packets(&self, dev: &str) -> u64 {
+        let l = ip_json(&self.node.ns, &["-s", "link", "show", "dev", dev]);
+        l[0]["stats64"]["tx"]["packets"].as_u64().unwrap_or_else(|| panic!("no tx stats: {l:?}"))
     }
 
     /// The kinds of `dev`'s qdiscs that are tern-bandwidth's (tbf, ingress).
@@ -475,21 +519,38 @@ fn failed_add_undoes_what_it_made() {
     let pod = Netns::new("tbwp");
     let res = w.main_add(Main::TernBridge, "ctr-u", &pod);
     let hv = host_veth(&w, &res);
-    // Someone else's clsact on the host veth: the ingress qdisc cannot be added,
-    // after the root tbf and the ifb were made.
-    w.node.ns.ok(&format!("tc qdisc add dev {hv} clsact"));
+    // Someone else's ingress qdisc (mirroring to lo) on the host veth: the
+    // ingress qdisc cannot be added, after the root tbf and the ifb were made.
+    w.node.ns.ok(&format!(
+        "tc qdisc add dev {hv} ingress && \
+         tc filter add dev {hv} ingress protocol all u32 match u32 0 0 action mirred egress mirror dev lo"
+    ));
     let run = w.bw("ADD", "ctr-u", Some(&pod.path()), &w.bw_conf("1.0.0", rates(), Some(&res)));
     assert_error_naming(&run, &[&hv, "ingress qdisc"]);
     assert_eq!(w.ifbs(), Vec::<String>::new());
-    assert_eq!(w.shaping_qdiscs(&hv), Vec::<String>::new());
-    assert!(w.qdiscs(&hv).iter().any(|q| q["kind"] == "clsact"), "the clsact that was there is kept");
-
-    // A DEL after the failed ADD leaves the foreign clsact alone too.
+    assert_eq!(w.shaping_qdiscs(&hv), vec!["ingress"], "the ingress qdisc that was there is kept, the tbf went");
+    // A DEL after the failed ADD leaves the foreign qdisc and filter alone too.
     assert_empty_ok(&w.bw("DEL", "ctr-u", Some(&pod.path()), &w.bw_conf("1.0.0", rates(), Some(&res))));
-    assert!(w.qdiscs(&hv).iter().any(|q| q["kind"] == "clsact"));
+    assert_eq!(w.shaping_qdiscs(&hv), vec!["ingress"]);
+    assert!(w.ingress_filters(&hv).iter().any(|f| f.to_string().contains("\"to_dev\":\"lo\"")));
+    w.node.ns.ok(&format!("tc qdisc del dev {hv} ingress"));
+
+    // Someone else's clsact whose priority 1 is taken by another filter: the
+    // redirect fails last; the tbf and ifb go, their clsact and filter stay.
+    w.node.ns.ok(&format!(
+        "tc qdisc add dev {hv} clsact && \
+         tc filter add dev {hv} ingress pref 1 protocol ip u32 match u32 0 0 action mirred egress mirror dev lo"
+    ));
+    let run = w.bw("ADD", "ctr-u", Some(&pod.path()), &w.bw_conf("1.0.0", rates(), Some(&res)));
+    assert_error_naming(&run, &[&hv, "clsact"]);
+    assert_eq!(w.ifbs(), Vec::<String>::new());
+    assert_eq!(w.qdisc_kinds(&hv), vec!["clsact"]);
+    let filters = w.ingress_filters(&hv);
+    assert!(filters.iter().all(|f| f["protocol"] == "ip"), "{filters:?}");
+    assert!(!filters.is_empty());
+    w.node.ns.ok(&format!("tc qdisc del dev {hv} clsact"));
 
     // A second ADD on a shaped attachment is refused and breaks nothing.
-    w.node.ns.ok(&format!("tc qdisc del dev {hv} clsact"));
     let out = w.bw("ADD", "ctr-u", Some(&pod.path()), &w.bw_conf("1.0.0", rates(), Some(&res))).assert_ok().json();
     let run = w.bw("ADD", "ctr-u", Some(&pod.path()), &w.bw_conf("1.0.0", rates(), Some(&res)));
     assert_error_naming(&run, &["already"]);
@@ -497,5 +558,184 @@ fn failed_add_undoes_what_it_made() {
 
     assert_empty_ok(&w.bw("DEL", "ctr-u", Some(&pod.path()), &w.bw_conf("1.0.0", rates(), Some(&out))));
     w.main_del(Main::TernBridge, "ctr-u", &pod, &res);
+    w.node.assert_clean();
+}
+
+/// Removes the node's fast-path pins when the test's node goes (a real
+/// node keeps them while it lives).
+struct Pins<'a>(&'a Netns);
+
+impl Drop for Pins<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.enter(tern_bpf::unpin_current_netns);
+    }
+}
+
+/// The node's fast-path entry for `addr`.
+fn fast_entry(node: &Netns, addr: IpAddr) -> Option<Endpoint> {
+    node.enter(|| FastPath::open_existing().unwrap().and_then(|fp| fp.endpoint(addr).unwrap()))
+}
+
+fn fast_entries(node: &Netns) -> Vec<Endpoint> {
+    node.enter(|| FastPath::open_existing().unwrap().map(|fp| fp.endpoints().unwrap()).unwrap_or_default())
+}
+
+fn set_fast(node: &Netns, addr: IpAddr, fast: bool) {
+    node.enter(|| FastPath::open_existing().unwrap().unwrap().set_policy_bypass(&[addr], fast).unwrap());
+}
+
+fn result_ips(res: &Value) -> Vec<IpAddr> {
+    result_addrs(res).iter().map(|a| ip_of(a)).collect()
+}
+
+/// The ifb a tern-bandwidth result added (its last interface).
+fn ifb_of(out: &Value) -> String {
+    out["interfaces"].as_array().unwrap().last().unwrap()["name"].as_str().unwrap().to_owned()
+}
+
+/// The u32 redirect entries (with a mirred action) on `dev`'s ingress hook.
+fn redirects(w: &World, dev: &str) -> Vec<Value> {
+    w.ingress_filters(dev).into_iter().filter(|f| f["kind"] == "u32" && f.to_string().contains("mirred")).collect()
+}
+
+/// The fast path's BPF filter on `dev`'s ingress hook.
+fn bpf_filter(w: &World, dev: &str) -> Value {
+    let filters = w.ingress_filters(dev);
+    filters
+        .iter()
+        .find(|f| f["kind"] == "bpf")
+        .cloned()
+        .unwrap_or_else(|| panic!("no BPF filter on {dev}: {filters:?}"))
+}
+
+/// After `tern` with the eBPF fast path: ADD takes the shaped pod off the
+/// fast path and puts the redirect under the fast path's clsact, ahead of
+/// its BPF filter; traffic with another pod of the node then crosses the
+/// ifb and the host veth's tbf (counters, not rates); DEL removes the ifb,
+/// the filter and the tbf, and nothing of the fast path.
+#[test]
+fn fast_path_pod_is_taken_off_it_and_shaped() {
+    // Plugins run in private mount namespaces: tern's bpffs must exist first.
+    tern_bpf::ensure_bpffs().unwrap();
+    let w = World::new();
+    let _pins = Pins(&w.node.ns);
+    let (pod_a, pod_b) = (Netns::new("tbwp"), Netns::new("tbwp"));
+    let res_a = w.main_add(Main::TernFast, "ctr-fa", &pod_a);
+    let res_b = w.main_add(Main::TernFast, "ctr-fb", &pod_b);
+    let (hv_a, hv_b) = (host_veth(&w, &res_a), host_veth(&w, &res_b));
+    let (a, b) = (pod_ip(&res_a), pod_ip(&res_b));
+    assert!(fast_entry(&w.node.ns, a).expect("pod a registered").fast);
+
+    let conf = w.bw_conf("1.1.0", rates(), Some(&res_a));
+    let out = w.bw("ADD", "ctr-fa", Some(&pod_a.path()), &conf).assert_ok().json();
+    let ifb = ifb_of(&out);
+    assert_eq!(w.ifbs(), vec![ifb.clone()]);
+    for ip in result_ips(&res_a) {
+        let ep = fast_entry(&w.node.ns, ip).expect("entry kept, flag cleared");
+        assert!(!ep.fast, "the shaped pod is still on the fast path: {ep:?}");
+    }
+    assert!(fast_entry(&w.node.ns, b).unwrap().fast, "the other pod stays on the fast path");
+    // The fast path's clsact is shared, not replaced by an ingress qdisc.
+    assert_eq!(w.qdisc_kinds(&hv_a), vec!["clsact", "tbf"]);
+    let redirect = redirects(&w, &hv_a);
+    assert_eq!(redirect.len(), 1, "{redirect:?}");
+    assert!(redirect[0].to_string().contains(&format!("\"to_dev\":\"{ifb}\"")), "{redirect:?}");
+    let bpf = bpf_filter(&w, &hv_a);
+    assert!(
+        redirect[0]["pref"].as_u64().unwrap() < bpf["pref"].as_u64().unwrap(),
+        "the redirect must run before the BPF filter: {redirect:?} {bpf:?}"
+    );
+    let check = || w.bw("CHECK", "ctr-fa", Some(&pod_a.path()), &w.bw_conf("1.1.0", rates(), Some(&out)));
+    assert_empty_ok(&check());
+
+    // Pod to pod, both ways: pod a's packets cross its ifb (the redirect
+    // runs first), pod b's answers its host veth's tbf (no bpf_redirect_peer
+    // past it), and the fast path delivers nothing to either.
+    let before = (w.tx_packets(&ifb), w.qdisc_packets(&hv_a, "tbf"), fast_entry(&w.node.ns, b).unwrap().redirected);
+    assert!(tcp_ok(&pod_a, &pod_b, b, 8090), "pod a -> pod b");
+    assert!(tcp_ok(&pod_b, &pod_a, a, 8091), "pod b -> pod a");
+    assert!(w.tx_packets(&ifb) > before.0, "pod a's packets did not cross ifb {ifb}");
+    assert!(w.qdisc_packets(&hv_a, "tbf") > before.1, "packets to pod a skipped the tbf of {hv_a}");
+    assert_eq!(fast_entry(&w.node.ns, b).unwrap().redirected, before.2, "pod a -> pod b took the fast path");
+    assert_eq!(fast_entry(&w.node.ns, a).unwrap().redirected, 0, "pod b -> pod a took the fast path");
+
+    // CHECK names a pod that is back on the fast path.
+    set_fast(&w.node.ns, a, true);
+    assert_error_naming(&check(), &["fast path", &a.to_string()]);
+    set_fast(&w.node.ns, a, false);
+    assert_empty_ok(&check());
+
+    assert_empty_ok(&w.bw("DEL", "ctr-fa", Some(&pod_a.path()), &w.bw_conf("1.1.0", rates(), Some(&out))));
+    assert_eq!(w.ifbs(), Vec::<String>::new());
+    let left = w.ingress_filters(&hv_a);
+    assert!(left.iter().all(|f| f["kind"] == "bpf"), "the redirect survived DEL: {left:?}");
+    assert_eq!(w.qdisc_kinds(&hv_a), vec!["clsact"], "DEL must keep the fast path's clsact and only that");
+    bpf_filter(&w, &hv_a);
+    // The other pod's fast path is untouched.
+    assert_eq!(w.qdisc_kinds(&hv_b), vec!["clsact"]);
+    bpf_filter(&w, &hv_b);
+    assert!(fast_entry(&w.node.ns, b).unwrap().fast);
+    // Idempotent, and the pods still talk.
+    assert_empty_ok(&w.bw("DEL", "ctr-fa", Some(&pod_a.path()), &w.bw_conf("1.1.0", rates(), Some(&out))));
+    assert!(tcp_ok(&pod_a, &pod_b, b, 8092), "pod a -> pod b after DEL");
+
+    w.main_del(Main::TernFast, "ctr-fa", &pod_a, &res_a);
+    w.main_del(Main::TernFast, "ctr-fb", &pod_b, &res_b);
+    assert_eq!(fast_entries(&w.node.ns), Vec::<Endpoint>::new(), "fast-path entries left");
+    w.node.assert_clean();
+}
+
+/// After `tern` with the eBPF fast path: DEL after the pod's netns is gone
+/// (and the host veth with it) succeeds, removes the ifb, and stays
+/// idempotent.
+#[test]
+fn fast_path_del_after_the_netns_is_gone() {
+    tern_bpf::ensure_bpffs().unwrap();
+    let w = World::new();
+    let _pins = Pins(&w.node.ns);
+    let pod = Netns::new("tbwp");
+    let res = w.main_add(Main::TernFast, "ctr-fg", &pod);
+    let conf = w.bw_conf("1.1.0", rates(), Some(&res));
+    let out = w.bw("ADD", "ctr-fg", Some(&pod.path()), &conf).assert_ok().json();
+    assert_eq!(w.ifbs(), vec![ifb_of(&out)]);
+
+    let pod_path = pod.path();
+    pod.delete_now();
+    let conf = w.bw_conf("1.1.0", rates(), Some(&out));
+    assert_empty_ok(&w.bw("DEL", "ctr-fg", Some(&pod_path), &conf));
+    assert_eq!(w.ifbs(), Vec::<String>::new());
+    assert_empty_ok(&w.bw("DEL", "ctr-fg", Some(&pod_path), &conf));
+    w.node.del(&with_prev(&w.main_conf(Main::TernFast), &res), "ctr-fg", None).assert_ok();
+    assert_eq!(fast_entries(&w.node.ns), Vec::<Endpoint>::new(), "fast-path entries left");
+    w.node.assert_clean();
+}
+
+/// GC of a shaped fast-path pod that is not listed: the redirect under the
+/// clsact goes before its ifb (a redirect to a deleted link drops every
+/// packet), the clsact and the BPF filter stay.
+#[test]
+fn fast_path_gc_removes_the_redirect_with_the_ifb() {
+    tern_bpf::ensure_bpffs().unwrap();
+    let w = World::new();
+    let _pins = Pins(&w.node.ns);
+    let pod = Netns::new("tbwp");
+    let res = w.main_add(Main::TernFast, "ctr-fc", &pod);
+    let hv = host_veth(&w, &res);
+    let out = w.bw("ADD", "ctr-fc", Some(&pod.path()), &w.bw_conf("1.1.0", rates(), Some(&res))).assert_ok().json();
+    assert_eq!(redirects(&w, &hv).len(), 1);
+
+    let mut gc: Value = serde_json::from_str(&w.bw_conf("1.1.0", json!({}), None)).unwrap();
+    gc["cni.dev/valid-attachments"] = json!([]);
+    assert_empty_ok(&w.bw("GC", "", None, &gc.to_string()));
+    assert_eq!(w.ifbs(), Vec::<String>::new());
+    let left = w.ingress_filters(&hv);
+    assert!(left.iter().all(|f| f["kind"] == "bpf"), "GC left a redirect to its deleted ifb: {left:?}");
+    assert!(w.qdisc_kinds(&hv).contains(&"clsact".to_string()));
+    bpf_filter(&w, &hv);
+
+    assert_empty_ok(&w.bw("DEL", "ctr-fc", Some(&pod.path()), &w.bw_conf("1.1.0", rates(), Some(&out))));
+    assert_eq!(w.qdisc_kinds(&hv), vec!["clsact"]);
+    w.main_del(Main::TernFast, "ctr-fc", &pod, &res);
+    assert_eq!(fast_entries(&w.node.ns), Vec::<Endpoint>::new(), "fast-path entries left");
     w.node.assert_clean();
 }

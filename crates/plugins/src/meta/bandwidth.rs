@@ -6,7 +6,17 @@
 //!   qdisc of the host-side veth, whose egress is the pod's ingress;
 //! * **egress** (traffic *from* the pod): the host veth's `ingress` qdisc
 //!   with a match-all `u32` filter redirecting (`mirred`) every packet to an
-//!   ifb device, whose root qdisc is the token bucket.
+//!   ifb device, whose root qdisc is the token bucket. When the host veth
+//!   has a `clsact` qdisc already (tern's eBPF fast path, `"dataplane":
+//!   "ebpf"`, attaches its program under one), the filter goes under the
+//!   clsact's ingress hook at priority [`REDIRECT_PRIORITY`], ahead of the
+//!   direct-action BPF filter, and the clsact stays its owner's: DEL removes
+//!   the filter, not the qdisc.
+//!
+//! A shaped pod is taken off the eBPF fast path (as tern-firewall does):
+//! packets the fast path hands straight to a pod would skip the host veth's
+//! root tbf, so both directions take the kernel path. DEL does not put it
+//! back; the pod's entry goes with the pod.
 //!
 //! Rates are bits per second and bursts bits, as in the reference plugin;
 //! the bucket's queue holds 25 ms at the rate plus the burst.
@@ -15,13 +25,17 @@
 //! `tern:<owner tag>`, so DEL finds it without prevResult or netns, and GC
 //! finds the ifbs of attachments that are gone. Nothing is written to disk.
 use std::collections::HashSet;
+use std::net::IpAddr;
 
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tern_cni::{Bandwidth, CniError, CniResult, Code, Interface, Version};
-use tern_sys::netlink::{format_mac, INGRESS_HANDLE, TBF_HANDLE, TC_H_INGRESS, TC_H_ROOT};
+use tern_sys::netlink::{
+    format_mac, IngressFilter, INGRESS_HANDLE, TBF_HANDLE, TC_H_CLSACT_INGRESS, TC_H_INGRESS, TC_H_ROOT,
+};
 use tern_sys::{LinkInfo, NetNs, Netlink, QdiscInfo, SysError, Tbf};
 
+use crate::meta::common;
 use crate::names;
 use crate::pod::ALIAS_PREFIX;
 use crate::skel::{Plugin, Request};
@@ -32,6 +46,11 @@ pub struct BandwidthPlugin;
 pub const IFB_PREFIX: &str = "tb";
 /// How long a packet may wait in the bucket's queue, as in the reference.
 const LATENCY_MS: u64 = 25;
+/// The redirect's priority under someone else's `clsact` qdisc: explicit and
+/// small, so it runs before their filters (the fast path's BPF filter gets
+/// the kernel's first automatic priority, 49152, and as a direct-action
+/// filter decides every packet it sees).
+pub const REDIRECT_PRIORITY: u16 = 1;
 
 /// The ifb of the attachment with this owner tag: `tb` + 12 hex characters
 /// of sha256(owner tag); 14 bytes, under the kernel's 15.
@@ -187,15 +206,22 @@ fn peer_of(ns: &NetNs, ifname: &str) -> Result<(Netlink, Option<LinkInfo>), CniE
 #[derive(Default)]
 struct Made {
     root_tbf: bool,
-    ifb: bool,
+    /// The ifb's index.
+    ifb: Option<u32>,
     ingress_qdisc: bool,
+    /// The redirect under a `clsact` qdisc that was there before.
+    clsact_redirect: bool,
 }
 
 fn undo(host: &Netlink, hv: &LinkInfo, target: &Target, made: &Made) {
     if made.ingress_qdisc {
         let _ = host.delete_qdisc(hv.index, TC_H_INGRESS, INGRESS_HANDLE);
     }
-    if made.ifb {
+    // Before the ifb: a redirect to a deleted link drops every packet.
+    if let (true, Some(ifb)) = (made.clsact_redirect, made.ifb) {
+        let _ = remove_redirects(host, hv, |f| f.redirect_to == Some(ifb), IngressQdisc::Keep);
+    }
+    if made.ifb.is_some() {
         let _ = host.delete_link(&target.ifb);
     }
     if made.root_tbf {
@@ -229,17 +255,33 @@ fn setup(
                 e => CniError::internal(format!("failed to create ifb {}: {e}", target.ifb)),
             }
         })?;
-    made.ifb = true;
+    made.ifb = Some(ifb.index);
     host.set_up(ifb.index).map_err(sys(&format!("failed to bring ifb {} up", target.ifb)))?;
     host.add_root_tbf(ifb.index, tbf).map_err(sys(&format!("failed to shape traffic on ifb {}", target.ifb)))?;
-    host.add_ingress_qdisc(hv.index).map_err(|e| match e {
-        SysError::Exists(_) => CniError::internal(format!("{} already has an ingress qdisc", hv.name)),
-        e => CniError::internal(format!("failed to add the ingress qdisc to {}: {e}", hv.name)),
-    })?;
-    made.ingress_qdisc = true;
-    host.add_ingress_redirect(hv.index, ifb.index)
-        .map_err(sys(&format!("failed to redirect traffic from {} to {}", hv.name, target.ifb)))?;
+    let qdiscs = host.qdiscs(hv.index).map_err(sys(&format!("qdiscs of {}", hv.name)))?;
+    if qdiscs.iter().any(|q| q.is_ingress() && q.kind == "clsact") {
+        // Someone else's (the eBPF fast path's): share it, ahead of its filters.
+        host.add_ingress_redirect_at(hv.index, ifb.index, TC_H_CLSACT_INGRESS, REDIRECT_PRIORITY).map_err(sys(
+            &format!("failed to redirect traffic from {} to {} under its clsact qdisc", hv.name, target.ifb),
+        ))?;
+        made.clsact_redirect = true;
+    } else {
+        host.add_ingress_qdisc(hv.index).map_err(|e| match e {
+            SysError::Exists(_) => CniError::internal(format!("{} already has an ingress qdisc", hv.name)),
+            e => CniError::internal(format!("failed to add the ingress qdisc to {}: {e}", hv.name)),
+        })?;
+        made.ingress_qdisc = true;
+        host.add_ingress_redirect(hv.index, ifb.index)
+            .map_err(sys(&format!("failed to redirect traffic from {} to {}", hv.name, target.ifb)))?;
+    }
     Ok(Some(host.link_by_index(ifb.index).map_err(sys("ifb"))?.unwrap_or(ifb)))
+}
+
+/// The addresses of the pod's interface in prevResult.
+fn pod_addrs(req: &Request, prev: &CniResult) -> Vec<IpAddr> {
+    let mut addrs: Vec<IpAddr> = common::sandbox_ips(prev, req.env.ifname()).iter().map(|a| a.addr()).collect();
+    addrs.dedup();
+    addrs
 }
 
 impl Plugin for BandwidthPlugin {
@@ -261,7 +303,10 @@ impl Plugin for BandwidthPlugin {
         let target = Target::of(req);
         let host = Netlink::new().map_err(sys("netlink"))?;
         let mut made = Made::default();
-        let ifb = match setup(&host, &hv, &target, &shaping, &mut made) {
+        // The fast path would carry the pod's packets past the qdiscs.
+        let shaped = setup(&host, &hv, &target, &shaping, &mut made)
+            .and_then(|ifb| crate::pod::fastpath::bypass_off(&pod_addrs(req, prev)).map(|_| ifb));
+        let ifb = match shaped {
             Ok(ifb) => ifb,
             Err(e) => {
                 undo(&host, &hv, &target, &made);
@@ -280,10 +325,11 @@ impl Plugin for BandwidthPlugin {
         Ok(result)
     }
 
-    /// Removes the ifb (by name) and the qdiscs on the host veth if it is
-    /// still there. Reads neither the shaping settings nor prevResult, so a
-    /// DEL after a failed ADD, after a crash, with the netns gone or without
-    /// prevResult removes the same things.
+    /// Removes the ifb (by name) and, if the host veth is still there, its
+    /// root tbf and the redirect (with the ingress qdisc, when tern-bandwidth
+    /// made that; a clsact is left to its owner). Reads neither the shaping
+    /// settings nor prevResult, so a DEL after a failed ADD, after a crash,
+    /// with the netns gone or without prevResult removes the same things.
     fn del(&self, req: &Request) -> Result<(), CniError> {
         let target = Target::of(req);
         let host = Netlink::new().map_err(sys("netlink"))?;
@@ -330,15 +376,30 @@ impl Plugin for BandwidthPlugin {
                 return fail(format!("ifb {} is missing (egress shaping)", target.ifb));
             };
             if !qdiscs.iter().any(|q| q.is_ingress()) {
-                return fail(format!("host veth {} has no ingress qdisc (egress shaping)", hv.name));
+                return fail(format!("host veth {} has no ingress or clsact qdisc (egress shaping)", hv.name));
             }
-            let redirects = host.ingress_redirects(hv.index).map_err(sys("filters of the host veth"))?;
-            if !redirects.contains(&ifb.index) {
+            let filters = host.ingress_filters(hv.index).map_err(sys("filters of the host veth"))?;
+            let Some(redirect) = filters.iter().find(|f| f.redirect_to == Some(ifb.index)) else {
                 return fail(format!("host veth {} does not redirect to ifb {} (egress shaping)", hv.name, ifb.name));
+            };
+            // A filter of higher precedence (the fast path's BPF filter)
+            // could take packets before they reach the redirect.
+            if let Some(first) = filters.iter().find(|f| f.priority < redirect.priority) {
+                return fail(format!(
+                    "host veth {}: a {} filter (priority {}) runs before the redirect to ifb {} (priority {}) \
+                     (egress shaping)",
+                    hv.name, first.kind, first.priority, ifb.name, redirect.priority
+                ));
             }
             let ifb_q = host.qdiscs(ifb.index).map_err(sys("qdiscs of the ifb"))?;
             let root = ifb_q.iter().find(|q| q.is_root());
             check_tbf(&format!("ifb {}", ifb.name), "egress", root.and_then(reported), want)?;
+        }
+        let fast = crate::pod::fastpath::still_fast(&pod_addrs(req, prev))?;
+        if !fast.is_empty() {
+            return Err(CniError::internal(format!(
+                "{fast:?} on the eBPF fast path: its traffic bypasses tern-bandwidth's qdiscs"
+            )));
         }
         Ok(())
     }
@@ -347,7 +408,8 @@ impl Plugin for BandwidthPlugin {
         load_shaping(req).map(drop)
     }
 
-    /// Deletes the ifbs of this network whose attachment is not listed.
+    /// Deletes the ifbs of this network whose attachment is not listed, and
+    /// first the redirects to them that host veths still have.
     fn gc(&self, req: &Request) -> Result<(), CniError> {
         let valid = req.conf.valid_attachments.as_ref().ok_or_else(|| {
             CniError::invalid_config("GC needs the list of valid attachments (cni.dev/valid-attachments)")
@@ -356,15 +418,27 @@ impl Plugin for BandwidthPlugin {
         let keep: HashSet<String> = valid.iter().map(|a| names::attachment_tag(&a.container_id, &a.ifname)).collect();
         let host = Netlink::new().map_err(sys("netlink"))?;
         let mut errors = Vec::new();
-        for link in host.links().map_err(sys("failed to list links"))? {
-            if link.kind.as_deref() != Some("ifb") || !link.name.starts_with(IFB_PREFIX) {
-                continue;
+        let links = host.links().map_err(sys("failed to list links"))?;
+        let stale: Vec<&LinkInfo> = links
+            .iter()
+            .filter(|l| l.kind.as_deref() == Some("ifb") && l.name.starts_with(IFB_PREFIX))
+            .filter(|l| {
+                let Some(tag) = l.alias.as_deref().and_then(|a| a.strip_prefix(ALIAS_PREFIX)) else { return false };
+                let Some((n, a)) = names::split_owner_tag(tag) else { return false };
+                n == net_tag && !keep.contains(a) && ifb_name(tag) == l.name
+            })
+            .collect();
+        if !stale.is_empty() {
+            // A redirect to a deleted ifb drops everything its veth receives.
+            let doomed: HashSet<u32> = stale.iter().map(|l| l.index).collect();
+            for veth in links.iter().filter(|l| l.kind.as_deref() == Some("veth")) {
+                let ours = |f: &IngressFilter| f.redirect_to.is_some_and(|to| doomed.contains(&to));
+                if let Err(e) = remove_redirects(&host, veth, ours, IngressQdisc::DeleteIfOnlyOurs) {
+                    errors.push(e);
+                }
             }
-            let Some(tag) = link.alias.as_deref().and_then(|a| a.strip_prefix(ALIAS_PREFIX)) else { continue };
-            let Some((n, a)) = names::split_owner_tag(tag) else { continue };
-            if n != net_tag || keep.contains(a) || ifb_name(tag) != link.name {
-                continue;
-            }
+        }
+        for link in stale {
             match host.delete_link_index(link.index) {
                 Ok(_) | Err(SysError::NotFound(_)) => {}
                 Err(e) => errors.push(CniError::internal(format!("failed to delete stale ifb {}: {e}", link.name))),
@@ -431,11 +505,17 @@ fn del_host_veth(req: &Request, host: &Netlink) -> Option<LinkInfo> {
     veths.next().is_none().then_some(first)
 }
 
-/// Remove the root tbf and the ingress qdisc (with its redirect) from the
-/// host veth. The ingress qdisc is left alone when it redirects somewhere
-/// other than this attachment's ifb.
+fn gone(e: &SysError) -> bool {
+    e.is_not_found() || e.errno() == Some(nix::libc::ENODEV)
+}
+
+/// Remove the root tbf and this attachment's redirect from the host veth:
+/// with the `ingress` qdisc when that redirects nowhere else, else (under a
+/// `clsact`, or someone else's `ingress`) only the filter. A redirect to a
+/// link that is gone counts as this attachment's when tern-bandwidth could
+/// have made it (an ifb deleted before its filter); it would drop every
+/// packet the pod sends.
 fn unshape_host_veth(host: &Netlink, hv: &LinkInfo, ifb: Option<&LinkInfo>) -> Result<(), CniError> {
-    let gone = |e: &SysError| e.is_not_found() || e.errno() == Some(nix::libc::ENODEV);
     let qdiscs = match host.qdiscs(hv.index) {
         Ok(q) => q,
         Err(e) if gone(&e) => return Ok(()),
@@ -449,15 +529,79 @@ fn unshape_host_veth(host: &Netlink, hv: &LinkInfo, ifb: Option<&LinkInfo>) -> R
             }
         }
     }
-    if let Some(q) = qdiscs.iter().find(|q| q.is_ingress() && q.kind == "ingress") {
-        let redirects = host.ingress_redirects(hv.index).unwrap_or_default();
-        let ours = redirects.iter().all(|i| ifb.is_some_and(|f| f.index == *i) || !link_exists(host, *i));
-        if ours {
-            if let Err(e) = host.delete_qdisc(hv.index, TC_H_INGRESS, q.handle) {
-                if !gone(&e) {
-                    errors.push(CniError::internal(format!("failed to delete the ingress qdisc of {}: {e}", hv.name)));
-                }
-            }
+    let plain_ingress = qdiscs.iter().any(|q| q.is_ingress() && q.kind == "ingress");
+    let ours = |f: &IngressFilter| {
+        let Some(to) = f.redirect_to else { return false };
+        let could_be_ours = plain_ingress || (f.kind == "u32" && f.priority == REDIRECT_PRIORITY);
+        ifb.is_some_and(|l| l.index == to) || (could_be_ours && !link_exists(host, to))
+    };
+    // An `ingress` qdisc is tern-bandwidth's unless it redirects somewhere
+    // else; an empty one is a crashed ADD's.
+    if let Err(e) = remove_redirects(host, hv, ours, IngressQdisc::DeleteUnlessForeign) {
+        errors.push(e);
+    }
+    join_errors(errors)
+}
+
+/// What [`remove_redirects`] may do with an `ingress` qdisc (a `clsact` is
+/// never deleted).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum IngressQdisc {
+    /// Only remove filters (an ADD's undo: the qdisc was there before).
+    Keep,
+    /// Delete it when it has redirects and all are ours (GC: it touches
+    /// every veth of the node).
+    DeleteIfOnlyOurs,
+    /// Delete it when no redirect of it is someone else's, even without any
+    /// (DEL of this attachment's veth).
+    DeleteUnlessForeign,
+}
+
+/// Remove the redirects that `ours` selects from the ingress hook of `hv`:
+/// with the `ingress` qdisc as a whole when `ingress` allows it, else
+/// filter by filter.
+fn remove_redirects(
+    host: &Netlink,
+    hv: &LinkInfo,
+    ours: impl Fn(&IngressFilter) -> bool,
+    ingress: IngressQdisc,
+) -> Result<(), CniError> {
+    let failed = |what: &str, e: SysError| CniError::internal(format!("{what} of {}: {e}", hv.name));
+    let filters = match host.ingress_filters(hv.index) {
+        Ok(f) => f,
+        Err(e) if gone(&e) => return Ok(()),
+        Err(e) => return Err(failed("filters", e)),
+    };
+    let redirects: Vec<&IngressFilter> = filters.iter().filter(|f| f.redirect_to.is_some()).collect();
+    let all_ours = redirects.iter().all(|f| ours(f));
+    let delete_qdisc = match ingress {
+        IngressQdisc::Keep => false,
+        IngressQdisc::DeleteIfOnlyOurs => all_ours && !redirects.is_empty(),
+        IngressQdisc::DeleteUnlessForeign => all_ours,
+    };
+    if delete_qdisc {
+        let qdiscs = match host.qdiscs(hv.index) {
+            Ok(q) => q,
+            Err(e) if gone(&e) => return Ok(()),
+            Err(e) => return Err(failed("qdiscs", e)),
+        };
+        if let Some(q) = qdiscs.iter().find(|q| q.is_ingress() && q.kind == "ingress") {
+            return match host.delete_qdisc(hv.index, TC_H_INGRESS, q.handle) {
+                Ok(_) => Ok(()),
+                Err(e) if gone(&e) => Ok(()),
+                Err(e) => Err(failed("failed to delete the ingress qdisc", e)),
+            };
+        }
+    }
+    let mut errors = Vec::new();
+    for f in redirects.into_iter().filter(|f| ours(f)) {
+        match host.delete_ingress_filter(f) {
+            Ok(_) => {}
+            Err(e) if gone(&e) => {}
+            Err(e) => errors.push(failed(
+                &format!("failed to delete the redirect to link index {}", f.redirect_to.unwrap_or_default()),
+                e,
+            )),
         }
     }
     join_errors(errors)

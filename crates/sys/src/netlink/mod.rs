@@ -33,6 +33,7 @@ use crate::netns::NetNs;
 pub use self::link::LinkInfo;
 pub use self::neigh::NeighbourInfo;
 pub use self::route::{Family, RouteInfo, RouteSpec};
+pub use self::tc::{IngressFilter, TC_H_CLSACT_INGRESS};
 pub use self::tc::{QdiscInfo, Tbf, INGRESS_HANDLE, TBF_HANDLE, TC_H_INGRESS, TC_H_ROOT};
 pub use self::vxlan::{FdbEntry, VxlanInfo, VxlanSpec};
 

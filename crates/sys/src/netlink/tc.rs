@@ -4,7 +4,13 @@
 //! * a token bucket filter (`tbf`) as a link's root qdisc;
 //! * the `ingress` qdisc (`ffff:`) and, under it, a match-all `u32` filter
 //!   whose `mirred` action redirects every packet to another link (an ifb),
-//!   the standard way to shape what a link *receives*.
+//!   the standard way to shape what a link *receives*. The same filter can
+//!   go under the ingress hook of a `clsact` qdisc someone else made
+//!   ([`TC_H_CLSACT_INGRESS`], e.g. the eBPF fast path's), at an explicit
+//!   priority so it runs before that qdisc's own filters; it is listed
+//!   ([`Netlink::ingress_filters`]) and removed
+//!   ([`Netlink::delete_ingress_filter`]) one filter at a time, never with
+//!   the qdisc.
 //!
 //! rtnetlink 0.24 types `ingress`, `u32` and `mirred` but not `tbf`, whose
 //! options are sent and read here as raw attributes (`TCA_TBF_PARMS`,
@@ -30,6 +36,10 @@ pub const TC_H_INGRESS: u32 = 0xFFFF_FFF1;
 pub const INGRESS_HANDLE: u32 = 0xFFFF_0000;
 /// Handle given to the root tbf (`1:`).
 pub const TBF_HANDLE: u32 = 0x0001_0000;
+/// The parent of filters on the ingress hook of a `clsact` qdisc
+/// (`ffff:fff2`, `TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_INGRESS)`). An `ingress`
+/// qdisc takes it too, so it names "what the link receives" for both kinds.
+pub const TC_H_CLSACT_INGRESS: u32 = 0xFFFF_FFF2;
 
 const ETH_P_ALL: u16 = 0x0003;
 const TC_LINKLAYER_ETHERNET: u8 = 1;
@@ -107,6 +117,25 @@ impl QdiscInfo {
     pub fn is_ingress(&self) -> bool {
         self.parent == TC_H_INGRESS
     }
+}
+
+/// A filter on a link's ingress hook (under an `ingress` qdisc or a
+/// `clsact`'s ingress), as reported by `RTM_GETTFILTER`. A `u32` filter
+/// shows up as several entries of one priority (the classifier, its hash
+/// table, each key); the ones with actions have their own handle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IngressFilter {
+    pub ifindex: u32,
+    /// 1 runs first.
+    pub priority: u16,
+    /// Host order (`ETH_P_ALL` is 3).
+    pub protocol: u16,
+    pub handle: u32,
+    /// "u32", "bpf", "matchall", ...
+    pub kind: String,
+    /// The link a `mirred` action of this entry redirects or mirrors packets
+    /// to (the index is kept after that link is deleted).
+    pub redirect_to: Option<u32>,
 }
 
 const CREATE: u16 = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
@@ -301,6 +330,16 @@ impl Netlink {
     /// action mirred egress redirect dev <to>`: everything `ifindex` receives
     /// goes out of `to` instead. Needs the ingress qdisc.
     pub fn add_ingress_redirect(&self, ifindex: u32, to: u32) -> Result<()> {
+        self.add_ingress_redirect_at(ifindex, to, INGRESS_HANDLE, 0)
+    }
+
+    /// [`Netlink::add_ingress_redirect`] under `parent` ([`INGRESS_HANDLE`],
+    /// or [`TC_H_CLSACT_INGRESS`] for a `clsact` qdisc) at `priority` (`0`:
+    /// the kernel picks one). A lower priority runs first: under a `clsact`
+    /// whose direct-action BPF filter would otherwise decide the packet's
+    /// fate, the redirect needs one below that filter's. Fails when a filter
+    /// of another kind or protocol has that priority.
+    pub fn add_ingress_redirect_at(&self, ifindex: u32, to: u32, parent: u32, priority: u16) -> Result<()> {
         let mut sel = TcU32Selector::default();
         sel.flags = TcU32SelectorFlags::Terminal;
         sel.nkeys = 1;
@@ -319,21 +358,30 @@ impl Netlink {
             TcOption::U32(TcFilterU32Option::Action(vec![action])),
         ];
         let attrs = vec![TcAttribute::Kind(TcFilterU32::KIND.to_string()), TcAttribute::Options(options)];
-        // info: priority (0: the kernel picks) << 16 | protocol in network order.
-        let info = ETH_P_ALL.to_be() as u32;
-        let m = tc_message(ifindex, INGRESS_HANDLE, 0, info, attrs);
+        let m = tc_message(ifindex, parent, 0, filter_info(priority, ETH_P_ALL), attrs);
         match self.request(RouteNetlinkMessage::NewTrafficFilter(m), CREATE) {
             Ok(_) => Ok(()),
             Err(KernelError { errno: libc::ENODEV, .. }) => Err(SysError::NotFound(dev(ifindex))),
-            Err(e) => Err(e.into_sys(format!("add redirect filter from {} to {}", dev(ifindex), dev(to)))),
+            Err(e) => Err(e.into_sys(format!(
+                "add redirect filter (priority {priority}) from {} to {}",
+                dev(ifindex),
+                dev(to)
+            ))),
         }
     }
 
-    /// The links that filters under the ingress qdisc of `ifindex` redirect
-    /// or mirror packets to (`mirred` actions); empty without an ingress
-    /// qdisc.
+    /// The links that filters on the ingress hook of `ifindex` (under an
+    /// `ingress` or a `clsact` qdisc) redirect or mirror packets to
+    /// (`mirred` actions); empty without either qdisc.
     pub fn ingress_redirects(&self, ifindex: u32) -> Result<Vec<u32>> {
-        let m = tc_message(ifindex, INGRESS_HANDLE, 0, 0, Vec::new());
+        Ok(self.ingress_filters(ifindex)?.into_iter().filter_map(|f| f.redirect_to).collect())
+    }
+
+    /// Every filter entry on the ingress hook of `ifindex`, under an
+    /// `ingress` or a `clsact` qdisc; empty without either (or without the
+    /// link).
+    pub fn ingress_filters(&self, ifindex: u32) -> Result<Vec<IngressFilter>> {
+        let m = tc_message(ifindex, TC_H_CLSACT_INGRESS, 0, 0, Vec::new());
         let msgs = match self.dump(RouteNetlinkMessage::GetTrafficFilter(m)) {
             Ok(v) => v,
             Err(KernelError { errno: libc::ENODEV | libc::ENOENT | libc::EINVAL, .. }) => return Ok(Vec::new()),
@@ -342,30 +390,93 @@ impl Netlink {
         let mut out = Vec::new();
         for m in msgs {
             let RouteNetlinkMessage::NewTrafficFilter(m) = m else { continue };
+            if m.header.index as u32 != ifindex {
+                continue;
+            }
+            let mut kind = String::new();
+            let mut redirect_to = None;
             for a in &m.attributes {
-                let TcAttribute::Options(opts) = a else { continue };
-                for o in opts {
-                    let TcOption::U32(TcFilterU32Option::Action(actions)) = o else { continue };
-                    for act in actions {
-                        for aa in &act.attributes {
-                            let TcActionAttribute::Options(aopts) = aa else { continue };
-                            for ao in aopts {
-                                if let TcActionOption::Mirror(TcActionMirrorOption::Parms(p)) = ao {
-                                    out.push(p.ifindex);
+                match a {
+                    TcAttribute::Kind(k) => kind = k.clone(),
+                    TcAttribute::Options(opts) => {
+                        for o in opts {
+                            let TcOption::U32(TcFilterU32Option::Action(actions)) = o else { continue };
+                            for aa in actions.iter().flat_map(|act| &act.attributes) {
+                                let TcActionAttribute::Options(aopts) = aa else { continue };
+                                for ao in aopts {
+                                    if let TcActionOption::Mirror(TcActionMirrorOption::Parms(p)) = ao {
+                                        redirect_to = Some(p.ifindex);
+                                    }
                                 }
                             }
                         }
                     }
+                    _ => {}
                 }
             }
+            out.push(IngressFilter {
+                ifindex,
+                priority: (m.header.info >> 16) as u16,
+                protocol: u16::from_be((m.header.info & 0xFFFF) as u16),
+                handle: m.header.handle.into(),
+                kind,
+                redirect_to,
+            });
         }
         Ok(out)
     }
+
+    /// `tc filter del dev <ifindex> parent ffff:fff2 prio .. handle .. <kind>`:
+    /// exactly this entry of [`Netlink::ingress_filters`] (the kernel drops
+    /// the classifier with its last filter), never the qdisc or the other
+    /// filters. `false` if it (or the link) is gone.
+    pub fn delete_ingress_filter(&self, filter: &IngressFilter) -> Result<bool> {
+        // Priority 0 or handle 0 would delete every filter of the hook, or of
+        // the priority.
+        if filter.priority == 0 || filter.handle == 0 || filter.kind.is_empty() {
+            return Err(SysError::Invalid(format!("not a single filter: {filter:?}")));
+        }
+        let present = self
+            .ingress_filters(filter.ifindex)?
+            .iter()
+            .any(|f| f.priority == filter.priority && f.handle == filter.handle && f.kind == filter.kind);
+        if !present {
+            return Ok(false);
+        }
+        let info = filter_info(filter.priority, filter.protocol);
+        let attrs = vec![TcAttribute::Kind(filter.kind.clone())];
+        let m = tc_message(filter.ifindex, TC_H_CLSACT_INGRESS, filter.handle, info, attrs);
+        match self.request(RouteNetlinkMessage::DelTrafficFilter(m), ACK) {
+            Ok(_) => Ok(true),
+            Err(KernelError { errno: libc::ENODEV | libc::ENOENT, .. }) => Ok(false),
+            Err(e) => Err(e.into_sys(format!(
+                "delete {} filter {:#x} (priority {}) of {}",
+                filter.kind,
+                filter.handle,
+                filter.priority,
+                dev(filter.ifindex)
+            ))),
+        }
+    }
+}
+
+/// A filter's `tcm_info`: priority << 16 | protocol in network order.
+fn filter_info(priority: u16, protocol: u16) -> u32 {
+    (priority as u32) << 16 | protocol.to_be() as u32
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn filter_info_packs_priority_and_protocol() {
+        let info = filter_info(1, ETH_P_ALL);
+        assert_eq!(info >> 16, 1);
+        assert_eq!(u16::from_be((info & 0xFFFF) as u16), ETH_P_ALL);
+        // What the original add_ingress_redirect sent: the kernel picks.
+        assert_eq!(filter_info(0, ETH_P_ALL), ETH_P_ALL.to_be() as u32);
+    }
 
     #[test]
     fn tbf_options_round_trip() {
