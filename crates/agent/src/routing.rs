@@ -11,12 +11,20 @@
 //!
 //! The VXLAN device's MAC is derived from the node name, so it is the same
 //! across agent restarts and re-creations and peers' FDB entries stay valid.
+//!
+//! With `dataplane: ebpf` the router also keeps tern's eBPF host routing
+//! ([`tern_bpf`]) in step: the cluster's pools, the uplinks (the underlay
+//! device and the VXLAN device) and the uplink program on their ingress.
+//! Pods of the eBPF dataplane then reach other nodes' pods without the
+//! node's forwarding and conntrack; the routes above still decide where
+//! each packet goes (the program asks the node's FIB).
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+pub use tern_routing::Dataplane;
 use tern_routing::{
     diff, plan, Actual, Changes, Dev, Fdb, Mode, Neighbour, NodeView, PeerPath, PlanError, Route, Vtep,
 };
@@ -46,6 +54,10 @@ pub struct RoutingConfig {
     /// Full resync with the kernel at least this often, whatever the watch says.
     #[serde(default = "default_resync", with = "seconds")]
     pub resync: Duration,
+    /// `ebpf`: host routing for pods of the eBPF dataplane (see the module
+    /// docs); `kernel` (default): the node's forwarding only.
+    #[serde(default)]
+    pub dataplane: Dataplane,
 }
 
 fn default_vni() -> u32 {
@@ -78,6 +90,7 @@ impl RoutingConfig {
             port: DEFAULT_VXLAN_PORT,
             mtu: None,
             resync: default_resync(),
+            dataplane: Dataplane::Kernel,
         }
     }
 }
@@ -86,6 +99,8 @@ impl RoutingConfig {
 pub enum RoutingError {
     #[error("{0}")]
     Sys(#[from] SysError),
+    #[error("{0}")]
+    Bpf(#[from] tern_bpf::Error),
     #[error("underlay interface {0:?} does not exist")]
     NoUnderlay(String),
     #[error("underlay interface {0:?} has no global address")]
@@ -124,6 +139,9 @@ pub struct Router {
     underlay: LinkInfo,
     underlay_addr: IpNet,
     vxlan: Option<LinkInfo>,
+    /// The pools host routing serves (`dataplane: ebpf`), as (address,
+    /// prefix length); empty until [`Router::enable_host_routing`].
+    host_routing: Vec<(IpAddr, u8)>,
 }
 
 /// A locally administered unicast MAC from the node name (stable across
@@ -159,7 +177,7 @@ impl Router {
             .min_by_key(|a| a.addr().is_ipv6())
             .ok_or_else(|| RoutingError::NoUnderlayAddress(config.underlay_interface.clone()))?;
         let vxlan = nl.link(VXLAN_DEVICE)?;
-        Ok(Router { nl, config, node: node.to_string(), underlay, underlay_addr, vxlan })
+        Ok(Router { nl, config, node: node.to_string(), underlay, underlay_addr, vxlan, host_routing: Vec::new() })
     }
 
     /// The node's underlay address with its subnet prefix.
@@ -354,10 +372,69 @@ impl Router {
         report.removed += removed;
     }
 
+    /// Turns eBPF host routing on for `pools` (when the config asks for
+    /// it): loads the node's fast-path instance if no pod has yet, and
+    /// programs it ([`Router::sync_host_routing`]).
+    pub fn enable_host_routing(&mut self, pools: &[IpNet]) -> Result<(), RoutingError> {
+        if self.config.dataplane != Dataplane::Ebpf {
+            return Ok(());
+        }
+        self.host_routing = pools.iter().map(|p| (p.network(), p.prefix_len())).collect();
+        self.sync_host_routing()
+    }
+
+    /// The uplinks host routing sends out of and serves: the underlay
+    /// device, and the VXLAN device when there is one.
+    fn uplinks(&self) -> Vec<(&str, u32)> {
+        let mut out = vec![(self.underlay.name.as_str(), self.underlay.index)];
+        if let Some(vx) = &self.vxlan {
+            out.push((vx.name.as_str(), vx.index));
+        }
+        out
+    }
+
+    /// Makes the fast-path instance's host-routing state match: pools,
+    /// uplinks, and the uplink program attached to each uplink (replaced
+    /// in place, so this is safe to repeat: every reconcile does, which
+    /// also repairs an instance that was re-created).
+    pub fn sync_host_routing(&mut self) -> Result<(), RoutingError> {
+        if self.host_routing.is_empty() {
+            return Ok(());
+        }
+        let mut fp = tern_bpf::FastPath::open_or_load()?;
+        fp.set_cluster_prefixes(&self.host_routing)?;
+        let uplinks = self.uplinks();
+        fp.set_uplinks(&uplinks.iter().map(|u| u.1).collect::<Vec<_>>())?;
+        for (name, _) in uplinks {
+            fp.attach_uplink(name)?;
+        }
+        Ok(())
+    }
+
+    /// The uplinks host routing uses, with the pod packets sent out of each
+    /// (empty without host routing).
+    pub fn host_routing_uplinks(&self) -> Result<Vec<(String, u64)>, RoutingError> {
+        if self.host_routing.is_empty() {
+            return Ok(Vec::new());
+        }
+        let Some(fp) = tern_bpf::FastPath::open_existing()? else { return Ok(Vec::new()) };
+        let names = self.uplinks();
+        Ok(fp
+            .uplinks()?
+            .into_iter()
+            .map(|(i, n)| (names.iter().find(|u| u.1 == i).map_or(format!("#{i}"), |u| u.0.to_string()), n))
+            .collect())
+    }
+
     /// Makes the kernel match the plan for `local` and `peers`.
     pub fn reconcile(&mut self, local: &NodeView, peers: &[NodeView]) -> Result<ReconcileReport, RoutingError> {
         // The device may have been deleted behind our back.
         self.vxlan = self.nl.link(VXLAN_DEVICE)?;
+        let mut host_routing_failed = None;
+        if let Err(e) = self.sync_host_routing() {
+            // Pods keep the kernel path; the next reconcile tries again.
+            host_routing_failed = Some(format!("eBPF host routing: {e}"));
+        }
         let p = plan(local, peers, self.config.mode);
         let (actual, strays) = self.actual()?;
         let changes = diff(&p.desired, &actual);
@@ -369,6 +446,7 @@ impl Router {
         if !changes.is_empty() || !strays.is_empty() {
             self.apply(&changes, &strays, &mut report);
         }
+        report.failed.extend(host_routing_failed);
         Ok(report)
     }
 
@@ -379,6 +457,16 @@ impl Router {
         let (actual, strays) = self.actual()?;
         let mut report = ReconcileReport::default();
         self.apply(&diff(&Actual::default(), &actual), &strays, &mut report);
+        if !self.host_routing.is_empty() {
+            for (name, _) in self.uplinks() {
+                tern_bpf::detach_uplink(name)?;
+            }
+            if let Some(mut fp) = tern_bpf::FastPath::open_existing()? {
+                fp.set_uplinks(&[])?;
+                fp.set_cluster_prefixes(&[])?;
+            }
+            self.host_routing.clear();
+        }
         if let Some(vx) = self.vxlan.take() {
             self.nl.delete_link_index(vx.index)?;
         }
@@ -579,6 +667,7 @@ pub fn setup(
     } else {
         None
     };
+    router.enable_host_routing(pools).map_err(|e| format!("eBPF host routing: {e}"))?;
     let rec = RoutingRecord { name: node.to_string(), underlay: router.underlay(), vtep, mode: router.mode() };
     publish(store, &rec).map_err(|e| format!("publishing the routing record: {e}"))?;
     Ok(router)
@@ -615,5 +704,13 @@ mod tests {
         let e = serde_json::from_str::<RoutingConfig>(r#"{"mode":"auto","underlayInterface":"eth0","vnid":2}"#)
             .unwrap_err();
         assert!(e.to_string().contains("vnid"), "{e}");
+        assert_eq!(c.dataplane, Dataplane::Kernel);
+        let c: RoutingConfig =
+            serde_json::from_str(r#"{"mode":"direct","underlayInterface":"eth0","dataplane":"ebpf"}"#).unwrap();
+        assert_eq!(c.dataplane, Dataplane::Ebpf);
+        assert!(serde_json::from_str::<RoutingConfig>(
+            r#"{"mode":"direct","underlayInterface":"eth0","dataplane":"xdp"}"#
+        )
+        .is_err());
     }
 }

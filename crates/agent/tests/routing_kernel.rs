@@ -3,7 +3,7 @@
 //! tern's Router programming VXLAN and direct routes between them.
 use std::net::IpAddr;
 
-use tern_agent::routing::{Router, RoutingConfig, VXLAN_DEVICE};
+use tern_agent::routing::{Dataplane, Router, RoutingConfig, VXLAN_DEVICE};
 use tern_routing::{Mode, NodeView, Vtep};
 use tern_testkit::Netns;
 
@@ -174,4 +174,53 @@ fn vxlan_everywhere_and_direct_refuses_the_far_subnet() {
     for r in direct.iter_mut().chain(routers.iter_mut()) {
         r.teardown().unwrap();
     }
+}
+
+#[test]
+fn ebpf_host_routing_is_programmed_repaired_and_torn_down() {
+    let c = cluster();
+    let a = &c.nodes[0];
+    let mut cfg = RoutingConfig::new(Mode::Auto, "eth0");
+    cfg.dataplane = Dataplane::Ebpf;
+    let mut r = a.ns.enter(|| Router::new(a.name, cfg).expect("router"));
+    let vtep = a.ns.enter(|| r.ensure_vtep(&[vtep_ip(1)]).unwrap());
+    a.ns.enter(|| r.enable_host_routing(&["10.244.0.0/16".parse().unwrap()]).unwrap());
+    let filters = |dev: &str| {
+        a.ns.ok(&format!("tc filter show dev {dev} ingress")).lines().filter(|l| l.contains("tern_uplink")).count()
+    };
+    let uplinks = |r: &Router| {
+        let mut names: Vec<String> =
+            a.ns.enter(|| r.host_routing_uplinks().unwrap()).into_iter().map(|u| u.0).collect();
+        names.sort();
+        names
+    };
+    assert_eq!((filters("eth0"), filters(VXLAN_DEVICE)), (1, 1));
+    assert_eq!(uplinks(&r), ["eth0", VXLAN_DEVICE]);
+
+    // Every reconcile re-applies it: still one filter per uplink.
+    let v = NodeView { name: a.name.into(), underlay: r.underlay(), vtep: Some(vtep), blocks: vec![block(1)] };
+    for _ in 0..2 {
+        let rep = a.ns.enter(|| r.reconcile(&v, std::slice::from_ref(&v)).unwrap());
+        assert!(rep.failed.is_empty(), "{:?}", rep.failed);
+    }
+    assert_eq!((filters("eth0"), filters(VXLAN_DEVICE)), (1, 1));
+
+    // The VXLAN device re-created behind the agent's back: the next
+    // reconcile serves the new device and forgets the old one.
+    let old = a.ns.ok(&format!("cat /sys/class/net/{VXLAN_DEVICE}/ifindex"));
+    a.ns.ok(&format!("ip link del {VXLAN_DEVICE}"));
+    a.ns.enter(|| r.ensure_vtep(&[vtep_ip(1)]).unwrap());
+    let rep = a.ns.enter(|| r.reconcile(&v, std::slice::from_ref(&v)).unwrap());
+    assert!(rep.failed.is_empty(), "{:?}", rep.failed);
+    assert_ne!(a.ns.ok(&format!("cat /sys/class/net/{VXLAN_DEVICE}/ifindex")), old);
+    assert_eq!((filters("eth0"), filters(VXLAN_DEVICE)), (1, 1));
+    assert_eq!(uplinks(&r), ["eth0", VXLAN_DEVICE]);
+
+    // Teardown detaches the uplink program and empties the maps; the
+    // underlay keeps its clsact (other filters may use it).
+    a.ns.enter(|| r.teardown().unwrap());
+    assert_eq!(filters("eth0"), 0);
+    let left = a.ns.enter(|| tern_bpf::FastPath::open_existing().unwrap().unwrap().uplinks().unwrap());
+    assert!(left.is_empty(), "{left:?}");
+    a.ns.enter(|| tern_bpf::unpin_current_netns().unwrap());
 }

@@ -1,4 +1,4 @@
-//! tern's eBPF fast path for pod-to-pod traffic on one node: the loader.
+//! tern's eBPF fast path for pod-to-pod traffic: the loader.
 //!
 //! The datapath is C (`bpf/tern_fastpath.c` at the repository root, compiled
 //! by this crate's build script and embedded here). It runs at tc ingress of a
@@ -7,6 +7,14 @@
 //! skipping the second veth crossing and the node's forwarding; everything
 //! else takes the kernel path unchanged. See the C file for what is and is
 //! not redirected.
+//!
+//! **Host routing** (the agent turns it on: [`FastPath::set_cluster_prefixes`],
+//! [`FastPath::set_uplinks`], [`FastPath::attach_uplink`]) extends it across
+//! nodes: a pod's packet for a pod of another node leaves straight by the
+//! uplink the node's FIB names (`bpf_fib_lookup` + `bpf_redirect`), and the
+//! uplink's own program (`tern_uplink`, at its tc ingress) hands packets from
+//! other nodes' pods straight to the local pod. Both programs share the
+//! instance's maps.
 //!
 //! # Kernel state
 //!
@@ -54,15 +62,27 @@ use std::fs::{File, OpenOptions};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{HashMap, Map, MapData, MapError};
-use aya::programs::tc::{qdisc_add_clsact, NlOptions, SchedClassifier, TcAttachOptions, TcAttachType, TcError};
+use aya::programs::tc::{
+    qdisc_add_clsact, NlOptions, SchedClassifier, SchedClassifierLink, TcAttachOptions, TcAttachType, TcError, TcHandle,
+};
 use aya::programs::{ProgramError, ProgramInfo};
 use aya::EbpfLoader;
 
 /// The compiled datapath.
 const OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tern_fastpath.o"));
 const PROGRAM: &str = "tern_fastpath";
+const UPLINK_PROGRAM: &str = "tern_uplink";
 const ENDPOINTS: &str = "tern_endpoints";
+/// LPM trie of the cluster's pools (host routing's "is this a pod?").
+const CLUSTER: &str = "tern_cluster";
+/// The uplinks host routing may send to, by ifindex, with a counter.
+const UPLINKS: &str = "tern_uplinks";
+/// The uplink program's tc filter: a fixed priority and handle, so a
+/// restarted agent replaces its filter instead of adding a second one.
+const UPLINK_PRIORITY: u16 = 0x7e00;
+const UPLINK_HANDLE: u32 = 0x7e;
 /// tern's own bpffs mount. Not /sys/fs/bpf: plugins started like `ip netns
 /// exec` does (a private mount namespace with a fresh /sys) would see an
 /// empty /sys/fs/bpf there, while /run is the host's.
@@ -148,8 +168,17 @@ fn prog_pin(dir: &Path) -> PathBuf {
     dir.join("prog")
 }
 
+fn uplink_prog_pin(dir: &Path) -> PathBuf {
+    dir.join("uplink")
+}
+
 fn map_pin(dir: &Path) -> PathBuf {
     dir.join(ENDPOINTS)
+}
+
+/// Every pin of an instance, maps last (what [`unpin_dir`] removes).
+fn all_pins(dir: &Path) -> [PathBuf; 5] {
+    [prog_pin(dir), uplink_prog_pin(dir), dir.join(CLUSTER), dir.join(UPLINKS), map_pin(dir)]
 }
 
 fn current_cookie() -> Result<u64> {
@@ -247,8 +276,15 @@ pub struct FastPath {
     program: Option<SchedClassifier>,
     endpoints: HashMap<MapData, Key, Value>,
     netns_cookie: u64,
+    dir: PathBuf,
     _lock: nix::fcntl::Flock<File>,
 }
+
+/// `struct tern_prefix_key` without the prefix length: the family byte,
+/// padding, the address.
+type PrefixData = [u8; KEY_LEN];
+/// `struct tern_uplink`.
+type UplinkValue = [u8; 16];
 
 impl FastPath {
     /// Open this namespace's pinned program and map, loading and pinning
@@ -257,7 +293,7 @@ impl FastPath {
     pub fn open_or_load() -> Result<FastPath> {
         let (cookie, dir) = current_dir()?;
         let lock = lock()?;
-        if !prog_pin(&dir).exists() || !map_pin(&dir).exists() {
+        if all_pins(&dir).iter().any(|p| !p.exists()) {
             ensure_bpffs_locked()?;
             // A rare event (a new node namespace): the moment to forget
             // dead ones.
@@ -308,7 +344,7 @@ impl FastPath {
         } else {
             None
         };
-        Ok(Some(FastPath { program, endpoints, netns_cookie, _lock: lock }))
+        Ok(Some(FastPath { program, endpoints, netns_cookie, dir, _lock: lock }))
     }
 
     /// The cookie of the node namespace this handle serves.
@@ -334,6 +370,102 @@ impl FastPath {
             .map_err(|e| kernel_err(&format!("attach to {host_ifname} ingress"), e))?;
         // The filter belongs to the device; aya would remove it when the
         // handle is dropped, which is not what a CNI plugin wants.
+        let link = program.take_link(link).map_err(|e: ProgramError| err("take the tc link", e))?;
+        std::mem::forget(link);
+        Ok(())
+    }
+
+    fn pinned_map(&self, name: &str) -> Result<Map> {
+        let path = self.dir.join(name);
+        let data = MapData::from_pin(&path).map_err(|e| kernel_err(&format!("open {}", path.display()), e))?;
+        Map::from_map_data(data).map_err(|e| kernel_err(name, e))
+    }
+
+    /// Host routing: make the cluster's pools exactly `prefixes` (address,
+    /// prefix length). Traffic between addresses inside them is pod-to-pod
+    /// and needs no masquerade; nothing outside them is host-routed.
+    pub fn set_cluster_prefixes(&mut self, prefixes: &[(IpAddr, u8)]) -> Result<()> {
+        let mut trie: LpmTrie<MapData, PrefixData, u32> =
+            LpmTrie::try_from(self.pinned_map(CLUSTER)?).map_err(|e| kernel_err(CLUSTER, e))?;
+        let want: Vec<LpmKey<PrefixData>> =
+            prefixes.iter().map(|&(addr, len)| LpmKey::new(32 + u32::from(len), key(truncate(addr, len)))).collect();
+        let have: Vec<LpmKey<PrefixData>> = trie.keys().map_while(|k| k.ok()).collect();
+        let same =
+            |a: &LpmKey<PrefixData>, b: &LpmKey<PrefixData>| a.prefix_len() == b.prefix_len() && a.data() == b.data();
+        for k in have.iter().filter(|k| !want.iter().any(|w| same(w, k))) {
+            match trie.remove(k) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(kernel_err("remove a cluster prefix", e)),
+            }
+        }
+        for k in &want {
+            trie.insert(k, 1, 0).map_err(|e| kernel_err("add a cluster prefix", e))?;
+        }
+        Ok(())
+    }
+
+    /// Host routing: the devices (by ifindex) pod packets may be sent out
+    /// of and whose ingress [`Self::attach_uplink`] serves; exactly these.
+    /// Counters of devices that stay are kept.
+    pub fn set_uplinks(&mut self, ifindexes: &[u32]) -> Result<()> {
+        let mut map: HashMap<MapData, u32, UplinkValue> =
+            HashMap::try_from(self.pinned_map(UPLINKS)?).map_err(|e| kernel_err(UPLINKS, e))?;
+        let have: Vec<u32> = map.keys().map_while(|k| k.ok()).collect();
+        for i in have.iter().filter(|i| !ifindexes.contains(i)) {
+            match map.remove(i) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(e) => return Err(kernel_err("remove an uplink", e)),
+            }
+        }
+        for i in ifindexes.iter().filter(|i| !have.contains(i)) {
+            map.insert(*i, [0u8; 16], 0).map_err(|e| kernel_err("add an uplink", e))?;
+        }
+        Ok(())
+    }
+
+    /// Host routing: the registered uplinks with the number of pod packets
+    /// sent out of each (approximate: a statistic).
+    pub fn uplinks(&self) -> Result<Vec<(u32, u64)>> {
+        let map: HashMap<MapData, u32, UplinkValue> =
+            HashMap::try_from(self.pinned_map(UPLINKS)?).map_err(|e| kernel_err(UPLINKS, e))?;
+        let mut out: Vec<(u32, u64)> = map
+            .iter()
+            .map_while(|kv| kv.ok())
+            .map(|(i, v)| (i, u64::from_ne_bytes(v[8..16].try_into().expect("8 bytes"))))
+            .collect();
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// Host routing: attach the uplink program at tc ingress of `ifname`
+    /// (the underlay device, tern's VXLAN device). A fixed filter priority
+    /// and handle: attaching again (an agent restart, a new build) replaces
+    /// the program in place, no packet sees no filter.
+    pub fn attach_uplink(&mut self, ifname: &str) -> Result<()> {
+        let path = uplink_prog_pin(&self.dir);
+        let mut program = ProgramInfo::from_pin(&path)
+            .and_then(|info| SchedClassifier::from_program_info(info, UPLINK_PROGRAM.into()))
+            .map_err(|e| kernel_err(&format!("open {}", path.display()), e))?;
+        match qdisc_add_clsact(ifname) {
+            Ok(()) => {}
+            Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(nix::libc::EEXIST) => {}
+            Err(e) => return Err(kernel_err(&format!("clsact qdisc on {ifname}"), e)),
+        }
+        let options = || NlOptions { priority: UPLINK_PRIORITY, handle: TcHandle::from(UPLINK_HANDLE), classid: None };
+        let link = match program.attach_with_options(ifname, TcAttachType::Ingress, TcAttachOptions::Netlink(options()))
+        {
+            Ok(link) => link,
+            Err(ProgramError::TcError(TcError::NetlinkError(e))) if e.raw_os_error() == Some(nix::libc::EEXIST) => {
+                let o = options();
+                let existing = SchedClassifierLink::attached(ifname, TcAttachType::Ingress, o.priority, o.handle, None)
+                    .map_err(|e| err(format!("{ifname} ingress filter"), e))?;
+                program
+                    .attach_to_link(existing)
+                    .map_err(|e| kernel_err(&format!("replace the filter on {ifname} ingress"), e))?
+            }
+            Err(e) => return Err(kernel_err(&format!("attach to {ifname} ingress"), e)),
+        };
+        // The filter belongs to the device (see `attach`).
         let link = program.take_link(link).map_err(|e: ProgramError| err("take the tc link", e))?;
         std::mem::forget(link);
         Ok(())
@@ -405,6 +537,31 @@ impl FastPath {
     }
 }
 
+/// Host routing off for `ifname`: remove tern's uplink filter from its tc
+/// ingress (any build's), leaving its `clsact` qdisc and other filters.
+/// `Ok(false)` when there was none.
+pub fn detach_uplink(ifname: &str) -> Result<bool> {
+    match aya::programs::tc::qdisc_detach_program(ifname, TcAttachType::Ingress, UPLINK_PROGRAM) {
+        Ok(()) => Ok(true),
+        Err(TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(kernel_err(&format!("detach from {ifname} ingress"), e)),
+    }
+}
+
+/// `addr` with the bits past `len` cleared.
+fn truncate(addr: IpAddr, len: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(len.min(32))).unwrap_or(0);
+            IpAddr::V4((u32::from(a) & mask).into())
+        }
+        IpAddr::V6(a) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(len.min(128))).unwrap_or(0);
+            IpAddr::V6((u128::from(a) & mask).into())
+        }
+    }
+}
+
 /// Mount tern's bpffs on [`BPFFS`] unless it is there. The first ADD does
 /// it; tests call it from the host's mount namespace before starting
 /// plugins in private ones.
@@ -450,27 +607,30 @@ fn lock() -> Result<nix::fcntl::Flock<File>> {
 /// map, and pin the program. Called with the lock held.
 fn load_and_pin(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| err(format!("create {}", dir.display()), e))?;
-    let map_path = map_pin(dir);
+    let (map_path, cluster_path, uplinks_path) = (map_pin(dir), dir.join(CLUSTER), dir.join(UPLINKS));
     let mut ebpf = EbpfLoader::new()
         .map_pin_path(ENDPOINTS, map_path.as_path())
+        .map_pin_path(CLUSTER, cluster_path.as_path())
+        .map_pin_path(UPLINKS, uplinks_path.as_path())
         .load(OBJECT)
         .map_err(|e| kernel_err("load the program", e))?;
-    let program: &mut SchedClassifier = ebpf
-        .program_mut(PROGRAM)
-        .ok_or_else(|| Error(format!("eBPF fast path: the object has no program {PROGRAM}")))?
-        .try_into()
-        .map_err(|e| kernel_err("program type", e))?;
-    program.load().map_err(|e| kernel_err("load the program (verifier)", e))?;
-    let prog_path = prog_pin(dir);
-    // A program pin without its map (someone removed the map) is replaced:
-    // the program must use the pinned map.
-    let _ = std::fs::remove_file(&prog_path);
-    program.pin(&prog_path).map_err(|e| kernel_err(&format!("pin {}", prog_path.display()), e))?;
+    for (name, pin) in [(PROGRAM, prog_pin(dir)), (UPLINK_PROGRAM, uplink_prog_pin(dir))] {
+        let program: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or_else(|| Error(format!("eBPF fast path: the object has no program {name}")))?
+            .try_into()
+            .map_err(|e| kernel_err("program type", e))?;
+        program.load().map_err(|e| kernel_err(&format!("load {name} (verifier)"), e))?;
+        // A program pin without its maps (someone removed a map) is
+        // replaced: the program must use the pinned maps.
+        let _ = std::fs::remove_file(&pin);
+        program.pin(&pin).map_err(|e| kernel_err(&format!("pin {}", pin.display()), e))?;
+    }
     Ok(())
 }
 
 fn unpin_dir(dir: &Path) -> Result<()> {
-    for p in [prog_pin(dir), map_pin(dir)] {
+    for p in all_pins(dir) {
         match std::fs::remove_file(&p) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -43,6 +43,11 @@ pub fn lab_namespaces(lab: &spec::Lab) -> Vec<String> {
 }
 
 pub fn remove_netns(name: &str) -> Result<()> {
+    // A node of the eBPF dataplane has a fast-path instance pinned for its
+    // namespace; unpin it while the namespace can still be named.
+    if let Ok(ns) = NetNs::open(netns_path(name)) {
+        let _ = ns.enter(tern_bpf::unpin_current_netns);
+    }
     netns::remove(netns_path(name)).with_context(|| format!("removing netns {name}"))
 }
 

@@ -214,6 +214,8 @@ fn agent_argv(st: &LabState, node: &NodeState) -> Vec<String> {
         st.spec.routing.to_string(),
         "--underlay-interface".into(),
         "eth0".into(),
+        "--dataplane".into(),
+        st.spec.dataplane.to_string(),
     ]
 }
 
@@ -268,6 +270,7 @@ fn add_node_inner(st: &mut LabState, fabric_ns: &tern_sys::NetNs, i: u8) -> Resu
             "type": "tern",
             "mode": "routed",
             "mtu": pod_mtu(lab.routing),
+            "dataplane": lab.dataplane.to_string(),
             "ipam": {"type": "tern-ipam", "allocator": "cluster", "agentSocket": agent_socket(&st.lab, &node.name)}
         }]
     });

@@ -15,7 +15,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::{IpNet, Ipv4Net};
 use serde::{Deserialize, Serialize};
-use tern_routing::Mode;
+use tern_routing::{Dataplane, Mode};
 
 /// The default lab's name; others (`tern lab --name X`, used by tests that
 /// run side by side) differ only in their namespaces' names and files.
@@ -94,6 +94,9 @@ pub struct LabSpec {
     pub subnets: u8,
     pub pods_per_node: u8,
     pub routing: Mode,
+    /// `ebpf`: pods on tern's eBPF fast path, agents with eBPF host routing.
+    #[serde(default)]
+    pub dataplane: Dataplane,
 }
 
 impl LabSpec {
@@ -167,7 +170,7 @@ mod tests {
     use super::*;
 
     fn spec(nodes: u8, subnets: u8) -> LabSpec {
-        LabSpec { nodes, subnets, pods_per_node: 2, routing: Mode::Auto }
+        LabSpec { nodes, subnets, pods_per_node: 2, routing: Mode::Auto, dataplane: Dataplane::Kernel }
     }
 
     #[test]

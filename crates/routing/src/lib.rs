@@ -77,6 +77,37 @@ impl std::fmt::Display for Mode {
     }
 }
 
+/// How pod packets between nodes cross a node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dataplane {
+    /// The node's IP forwarding, netfilter and conntrack.
+    #[default]
+    Kernel,
+    /// tern's eBPF host routing, for pods attached with `"dataplane": "ebpf"`.
+    Ebpf,
+}
+
+impl std::str::FromStr for Dataplane {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Dataplane, String> {
+        match s {
+            "kernel" => Ok(Dataplane::Kernel),
+            "ebpf" => Ok(Dataplane::Ebpf),
+            other => Err(format!("dataplane {other:?}: expected kernel or ebpf")),
+        }
+    }
+}
+
+impl std::fmt::Display for Dataplane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Dataplane::Kernel => "kernel",
+            Dataplane::Ebpf => "ebpf",
+        })
+    }
+}
+
 /// The MTU of the VXLAN device (and of pods behind it) for an underlay MTU.
 pub fn vxlan_mtu(underlay_mtu: u32, underlay_is_v6: bool) -> u32 {
     let overhead = if underlay_is_v6 { VXLAN_OVERHEAD_V6 } else { VXLAN_OVERHEAD_V4 };

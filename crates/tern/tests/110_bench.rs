@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tern_testkit::*;
 
-const DATAPLANES: [&str; 9] = [
+const DATAPLANES: [&str; 11] = [
     "native",
     "tern-bridge",
     "tern-routed",
@@ -24,9 +24,11 @@ const DATAPLANES: [&str; 9] = [
     "underlay",
     "direct",
     "vxlan",
+    "direct-ebpf",
+    "vxlan-ebpf",
 ];
 /// Measured between two lab nodes: compared with the underlay, not native.
-const CROSS_NODE: [&str; 3] = ["underlay", "direct", "vxlan"];
+const CROSS_NODE: [&str; 5] = ["underlay", "direct", "vxlan", "direct-ebpf", "vxlan-ebpf"];
 const CNI_DATAPLANES: [&str; 3] = ["tern-bridge", "tern-routed", "ref-bridge"];
 const DATAPATH_METRICS: [&str; 7] = [
     "latency_p50_us",

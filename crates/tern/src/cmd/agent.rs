@@ -86,6 +86,10 @@ pub struct Args {
     /// MTU of the VXLAN device [default: the underlay's minus 50 (70 over IPv6)].
     #[arg(long)]
     vxlan_mtu: Option<u32>,
+    /// How pod packets cross the node to other nodes: kernel (IP forwarding) or ebpf (tern's eBPF host
+    /// routing, for pods attached with "dataplane": "ebpf") [default: kernel].
+    #[arg(long, value_name = "DATAPLANE")]
+    dataplane: Option<tern_agent::routing::Dataplane>,
     /// Leave the cluster for good and exit: withdraw the node's routing record (every peer drops its
     /// routes to it) and its node record. Needs only --node and --datastore.
     #[arg(long)]
@@ -138,6 +142,7 @@ pub struct FileRouting {
     pub port: Option<u16>,
     pub mtu: Option<u32>,
     pub resync_seconds: Option<u64>,
+    pub dataplane: Option<tern_agent::routing::Dataplane>,
 }
 
 /// Decodes `obj` into `T` one key at a time, so that a bad value is
@@ -232,6 +237,9 @@ impl Settings {
         let gc = file.gc.unwrap_or_default();
         let fr = file.routing.unwrap_or_default();
         let routing = match args.routing.or(fr.mode) {
+            None if args.dataplane.or(fr.dataplane).is_some() => {
+                bail!("the dataplane (--dataplane / routing.dataplane) is for cross-node routing: give --routing too")
+            }
             None => None,
             Some(mode) => {
                 let underlay = args.underlay_interface.or(fr.underlay_interface).ok_or_else(|| {
@@ -241,6 +249,7 @@ impl Settings {
                 r.vni = args.vni.or(fr.vni).unwrap_or(r.vni);
                 r.port = args.vxlan_port.or(fr.port).unwrap_or(r.port);
                 r.mtu = args.vxlan_mtu.or(fr.mtu);
+                r.dataplane = args.dataplane.or(fr.dataplane).unwrap_or_default();
                 if let Some(secs) = fr.resync_seconds {
                     r.resync = Duration::from_secs(secs.max(1));
                 }
@@ -449,5 +458,28 @@ mod tests {
         assert_eq!(s.gc_interval, Some(Duration::from_secs(3)));
         assert!(Settings::merge(args(&["--node", "n"]), FileConfig::default()).is_err(), "no pool");
         assert!(Settings::merge(args(&["--pool", "10.0.0.0/8"]), FileConfig::default()).is_err(), "no node");
+    }
+
+    #[test]
+    fn dataplane_from_flag_or_file_and_only_with_routing() {
+        use tern_agent::routing::Dataplane;
+        let base = ["--node", "n", "--pool", "10.0.0.0/8"];
+        let with = |extra: &[&str], file: &str| {
+            let mut a = base.to_vec();
+            a.extend_from_slice(extra);
+            Settings::merge(args(&a), parse_config(file).unwrap())
+        };
+        let routing = |s: Settings| s.routing.expect("routing").dataplane;
+        assert_eq!(
+            routing(with(&["--routing", "direct", "--underlay-interface", "eth0"], "{}").unwrap()),
+            Dataplane::Kernel
+        );
+        let file = r#"{"routing":{"mode":"vxlan","underlayInterface":"eth0","dataplane":"ebpf"}}"#;
+        assert_eq!(routing(with(&[], file).unwrap()), Dataplane::Ebpf);
+        assert_eq!(routing(with(&["--dataplane", "kernel"], file).unwrap()), Dataplane::Kernel);
+        let e = with(&["--dataplane", "ebpf"], "{}").unwrap_err().to_string();
+        assert!(e.contains("--routing"), "{e}");
+        let e = format!("{:#}", parse_config(r#"{"routing":{"dataplane":"xdp"}}"#).unwrap_err());
+        assert!(e.starts_with("routing.dataplane:"), "{e}");
     }
 }

@@ -48,6 +48,10 @@ pub struct UpArgs {
     subnets: u8,
     #[arg(long, default_value_t = 2)]
     pods_per_node: u8,
+    /// kernel: pods and nodes forward through the kernel; ebpf: pods on tern's eBPF fast path and
+    /// agents with eBPF host routing between nodes.
+    #[arg(long, default_value = "kernel")]
+    dataplane: tern_routing::Dataplane,
 }
 
 #[derive(clap::Args)]
@@ -111,10 +115,11 @@ fn print_status(st: &LabState, json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "lab: {} nodes, {} subnets, routing {}, etcd {}",
+        "lab: {} nodes, {} subnets, routing {}, dataplane {}, etcd {}",
         st.nodes.len(),
         st.spec.subnets,
         st.spec.routing,
+        st.spec.dataplane,
         match st.etcd {
             Some(e) if e.alive() => format!("up (pid {})", e.pid),
             _ => "DOWN".into(),
@@ -140,8 +145,13 @@ pub fn run(args: Args) -> Result<()> {
     let lab = Lab::new(&args.name).map_err(anyhow::Error::msg)?;
     match args.command {
         Command::Up(a) => {
-            let spec =
-                LabSpec { nodes: a.nodes, subnets: a.subnets, pods_per_node: a.pods_per_node, routing: a.routing };
+            let spec = LabSpec {
+                nodes: a.nodes,
+                subnets: a.subnets,
+                pods_per_node: a.pods_per_node,
+                routing: a.routing,
+                dataplane: a.dataplane,
+            };
             let tern = std::env::current_exe().context("locating the tern executable")?;
             let mut bar = Bar { live: std::io::stderr().is_terminal(), started: Instant::now() };
             let st = tern_lab::up(&lab, spec, &tern, &mut bar)?;

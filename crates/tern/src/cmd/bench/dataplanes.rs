@@ -185,6 +185,19 @@ pub fn registry() -> Vec<Dataplane> {
             cni: None,
             pair: super::crossnode::vxlan_pair,
         },
+        Dataplane {
+            name: "direct-ebpf",
+            summary: "direct with dataplane ebpf: pods on the fast path, eBPF host routing (bpf_fib_lookup + \
+                      bpf_redirect out, bpf_redirect_peer in)",
+            cni: None,
+            pair: super::crossnode::direct_ebpf_pair,
+        },
+        Dataplane {
+            name: "vxlan-ebpf",
+            summary: "vxlan with dataplane ebpf: pods on the fast path, eBPF host routing through tern.vxlan",
+            cni: None,
+            pair: super::crossnode::vxlan_ebpf_pair,
+        },
     ]
 }
 
