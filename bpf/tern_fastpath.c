@@ -3,10 +3,9 @@
  * tern's eBPF fast path: pod-to-pod traffic on one node, and between pods of
  * different nodes (host routing).
  *
- * tern_fastpath is attached at tc ingress (tcx, or cls_bpf under clsact) of
- * every fast-path pod's host-side veth: the packets the pod sends. When both
- * ends of a packet are local tern pods that are registered in the endpoint
- * map with the FAST flag, the program rewrites the
+ * tern_fastpath is attached at tc ingress of every fast-path pod's host-side veth (the packets
+ * the pod sends). When both ends of a packet are local tern pods that are
+ * registered in the endpoint map with the FAST flag, the program rewrites the
  * Ethernet header as the node would have (routed: as a router, TTL/hop limit
  * decremented; bridge: as a switch, the frame unchanged) and hands it with
  * bpf_redirect_peer() straight to the destination pod's interface, in the
@@ -26,7 +25,7 @@
  * does for it is lost; traffic to or from anything outside the pools keeps
  * the kernel path (and its masquerade).
  *
- * Everything else returns TERN_PASS and takes the kernel path unchanged:
+ * Everything else returns TC_ACT_OK and takes the kernel path unchanged:
  * ARP, IPv6 neighbour discovery, broadcast/multicast, traffic to or from the
  * node or outside the cluster, a route the kernel cannot resolve yet (no
  * neighbour entry: the kernel path resolves it for the next packet), a
@@ -56,11 +55,6 @@
 #include <linux/pkt_cls.h>
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
-
-/* "Not mine": the kernel path. TC_ACT_UNSPEC, not TC_ACT_OK: under tcx it
- * lets the device's classic tc filters run next (tern-bandwidth's redirect
- * to its ifb), under cls_bpf the next filter; with none, the packet passes. */
-#define TERN_PASS TC_ACT_UNSPEC
 
 #define TERN_FAMILY_V4 4
 #define TERN_FAMILY_V6 6
@@ -229,7 +223,7 @@ static __always_inline int route_to_uplink(struct __sk_buff *skb, struct iphdr *
 	long rc;
 
 	if (!in_cluster(dst_key))
-		return TERN_PASS;
+		return TC_ACT_OK;
 	__builtin_memset(&fib, 0, sizeof(fib));
 	fib.ifindex = skb->ifindex;
 	if (ip4) {
@@ -245,17 +239,17 @@ static __always_inline int route_to_uplink(struct __sk_buff *skb, struct iphdr *
 		__builtin_memcpy(fib.ipv6_src, &ip6->saddr, 16);
 		__builtin_memcpy(fib.ipv6_dst, &ip6->daddr, 16);
 	} else {
-		return TERN_PASS;
+		return TC_ACT_OK;
 	}
 	/* tot_len 0: the kernel checks the skb (GSO-aware) against the
 	 * egress MTU and answers FRAG_NEEDED, which the kernel path handles. */
 	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
 	/* NO_NEIGH: the kernel path resolves the next hop for the next packet. */
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS)
-		return TERN_PASS;
+		return TC_ACT_OK;
 	up = bpf_map_lookup_elem(&tern_uplinks, &fib.ifindex);
 	if (!up || !decrement_ttl(ip4, ip6))
-		return TERN_PASS;
+		return TC_ACT_OK;
 	/* bpf_redirect_neigh, not bpf_redirect with fib's MACs: the packet
 	 * goes through the kernel's neighbour output, which confirms a stale
 	 * entry (a peer whose MAC changed) instead of trusting it forever. */
@@ -281,43 +275,43 @@ int tern_fastpath(struct __sk_buff *skb)
 	struct ipv6hdr *ip6 = 0;
 
 	if ((void *)(eth + 1) > data_end)
-		return TERN_PASS;
+		return TC_ACT_OK;
 	if (!parse(skb, &ip4, &ip6, &src_key, &dst_key))
-		return TERN_PASS;
+		return TC_ACT_OK;
 
 	/* Anti-spoofing: the source address is this device's own pod's. */
 	src = bpf_map_lookup_elem(&tern_endpoints, &src_key);
 	if (!src || !(src->flags & TERN_EP_FAST) || src->host_ifindex != skb->ifindex)
-		return TERN_PASS;
+		return TC_ACT_OK;
 	if (!mac_eq(eth->h_source, src->pod_mac))
-		return TERN_PASS;
+		return TC_ACT_OK;
 
 	dst = bpf_map_lookup_elem(&tern_endpoints, &dst_key);
 	if (!dst) {
 		/* Not a local pod: maybe a pod of another node. */
 		if (!(src->flags & TERN_EP_ROUTED) || !mac_eq(eth->h_dest, src->host_mac))
-			return TERN_PASS;
+			return TC_ACT_OK;
 		return route_to_uplink(skb, ip4, ip6, &dst_key);
 	}
 	if (!(dst->flags & TERN_EP_FAST))
-		return TERN_PASS;
+		return TC_ACT_OK;
 	/* A pod reaching itself (hairpin) stays with the kernel. */
 	if (dst->host_ifindex == skb->ifindex)
-		return TERN_PASS;
+		return TC_ACT_OK;
 
 	if (src->flags & TERN_EP_ROUTED) {
 		/* Routed: act as the router the pod sent the packet to. */
 		if (!(dst->flags & TERN_EP_ROUTED) || !mac_eq(eth->h_dest, src->host_mac))
-			return TERN_PASS;
+			return TC_ACT_OK;
 		if (!decrement_ttl(ip4, ip6))
-			return TERN_PASS;
+			return TC_ACT_OK;
 		mac_copy(eth->h_source, dst->host_mac);
 		mac_copy(eth->h_dest, dst->pod_mac);
 	} else {
 		/* Bridged: switch frames addressed to a pod of the same bridge. */
 		if ((dst->flags & TERN_EP_ROUTED) || dst->segment != src->segment ||
 		    !mac_eq(eth->h_dest, dst->pod_mac))
-			return TERN_PASS;
+			return TC_ACT_OK;
 	}
 
 	/* A statistic, not an account: a plain increment (no locked
@@ -346,22 +340,22 @@ int tern_uplink(struct __sk_buff *skb)
 	__u32 ifindex = skb->ifindex;
 
 	if ((void *)(eth + 1) > data_end)
-		return TERN_PASS;
+		return TC_ACT_OK;
 	/* Only frames for this node (not flooded ones for others). */
 	if (skb->pkt_type != 0 /* PACKET_HOST */)
-		return TERN_PASS;
+		return TC_ACT_OK;
 	if (!parse(skb, &ip4, &ip6, &src_key, &dst_key))
-		return TERN_PASS;
+		return TC_ACT_OK;
 	dst = bpf_map_lookup_elem(&tern_endpoints, &dst_key);
 	if (!dst || (dst->flags & (TERN_EP_FAST | TERN_EP_ROUTED)) != (TERN_EP_FAST | TERN_EP_ROUTED))
-		return TERN_PASS;
+		return TC_ACT_OK;
 	if (!bpf_map_lookup_elem(&tern_uplinks, &ifindex))
-		return TERN_PASS;
+		return TC_ACT_OK;
 	/* From another node's pod: in the pools, and not one of ours. */
 	if (!in_cluster(&src_key) || bpf_map_lookup_elem(&tern_endpoints, &src_key))
-		return TERN_PASS;
+		return TC_ACT_OK;
 	if (!decrement_ttl(ip4, ip6))
-		return TERN_PASS;
+		return TC_ACT_OK;
 	mac_copy(eth->h_source, dst->host_mac);
 	mac_copy(eth->h_dest, dst->pod_mac);
 	dst->redirected++;

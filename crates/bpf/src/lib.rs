@@ -36,18 +36,15 @@
 //!   only by a file descriptor looks dead: losing its pins is harmless, see
 //!   below.) Tests and benchmarks that
 //!   throw a node namespace away also call [`unpin_current_netns`] first.
-//! * The program is attached to each host veth with tcx (Linux 6.6+) by
-//!   `BPF_PROG_ATTACH`, without a BPF link: such an attachment belongs to
-//!   the device like a tc filter, so it goes when the veth goes, whatever
-//!   happens to the process that made it (a tcx *link* lives only as long
-//!   as a file descriptor or a bpffs pin: one more object per pod to leak).
-//!   On kernels without tcx, a direct-action `cls_bpf` filter under a
-//!   `clsact` qdisc (netlink), which also belongs to the device. The
-//!   uplinks of host routing always use the latter, with a fixed priority
-//!   and handle the agent replaces in place. The attachments hold the
-//!   program and through it the maps, so losing the pins never breaks
-//!   running pods: the next ADD loads a fresh instance, and pods of two
-//!   instances talk through the kernel path.
+//! * The program is attached to each host veth with a direct-action `cls_bpf`
+//!   filter under a `clsact` qdisc (netlink), which belongs to the device:
+//!   it goes when the veth goes, whatever happens to the process that made
+//!   it. (tcx, the newer attachment, is a BPF link that lives only as long
+//!   as a file descriptor or a bpffs pin, i.e. one more object per pod to
+//!   leak; aya 0.14 cannot make tcx's link-less attachment.) The attached
+//!   filters hold the program and through it the map, so losing the pins
+//!   never breaks running pods: the next ADD loads a fresh instance, and
+//!   pods of two instances talk through the kernel path.
 //! * Every change (ADD's registration, DEL's removal and unpinning) runs
 //!   under one lock file, `/run/tern/fastpath.lock`, so a DEL never unpins
 //!   an instance an ADD is registering into.
@@ -63,7 +60,6 @@
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::net::IpAddr;
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
@@ -356,26 +352,14 @@ impl FastPath {
         self.netns_cookie
     }
 
-    /// Attach the program at tc ingress of the host veth `host_ifname`
-    /// (index `host_ifindex`, in the node namespace). With tcx (Linux 6.6+)
-    /// the program is attached to the device directly, without a qdisc;
-    /// else with a `clsact` qdisc and a direct-action `cls_bpf` filter.
-    /// Either way the attachment belongs to the device and goes with it.
-    pub fn attach(&mut self, host_ifname: &str, host_ifindex: u32) -> Result<()> {
+    /// Attach the program at tc ingress of `host_ifname` (a host veth in the
+    /// node namespace): a `clsact` qdisc and a direct-action `cls_bpf`
+    /// filter, both removed by the kernel with the device.
+    pub fn attach(&mut self, host_ifname: &str) -> Result<()> {
         let program = self
             .program
             .as_mut()
             .ok_or_else(|| Error("eBPF fast path: opened without the program (open_or_load attaches)".into()))?;
-        // tcx first: it skips the qdisc layer, and the classifier wrapper,
-        // on every packet the pod sends.
-        let fd = program.fd().map_err(|e| kernel_err("program fd", e))?;
-        match tern_sys::tcx::attach(host_ifindex, fd.as_fd(), tern_sys::tcx::Hook::Ingress) {
-            Ok(()) => return Ok(()),
-            Err(e) if e.raw_os_error() == Some(nix::libc::EEXIST) => return Ok(()),
-            // No tcx in this kernel: the classic attachment below.
-            Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => {}
-            Err(e) => return Err(kernel_err(&format!("attach to {host_ifname} ingress (tcx)"), e)),
-        }
         match qdisc_add_clsact(host_ifname) {
             Ok(()) => {}
             Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(nix::libc::EEXIST) => {}
@@ -551,15 +535,6 @@ impl FastPath {
         }
         Ok(changed)
     }
-}
-
-/// The names of the tcx programs at tc ingress of `ifname` (in the calling
-/// thread's namespace): how to see the fast path on a pod's host veth, as
-/// `tc filter show` does not list tcx programs.
-pub fn tcx_ingress_programs(ifname: &str) -> Result<Vec<String>> {
-    let (_, progs) =
-        SchedClassifier::query_tcx(ifname, TcAttachType::Ingress).map_err(|e| kernel_err("query tcx", e))?;
-    Ok(progs.iter().map(|p| p.name_as_str().unwrap_or_default().to_string()).collect())
 }
 
 /// Host routing off for `ifname`: remove tern's uplink filter from its tc

@@ -7,7 +7,6 @@
 //! * [`netlink`]: a synchronous rtnetlink client (links, addresses, routes).
 //! * [`sysctl`]: `/proc/sys` reads and writes.
 //! * [`nft`]: nftables through the `nft` binary.
-//! * [`tcx`]: BPF programs on a device's tc hooks without a qdisc.
 //!
 //! Everything is synchronous and cheap to set up, for CNI plugin processes
 //! that live a few milliseconds. Namespaces are per thread: see
@@ -18,7 +17,6 @@ pub mod netlink;
 pub mod netns;
 pub mod nft;
 pub mod sysctl;
-pub mod tcx;
 
 pub use error::{Result, SysError};
 pub use netlink::{Family, LinkInfo, Mac, NeighbourInfo, Netlink, RouteInfo, RouteSpec};

@@ -598,41 +598,6 @@ fn redirects(w: &World, dev: &str) -> Vec<Value> {
     w.ingress_filters(dev).into_iter().filter(|f| f["kind"] == "u32" && f.to_string().contains("mirred")).collect()
 }
 
-/// How the fast path's program sits on a host veth: as a tcx program (no
-/// qdisc; kernels with tcx, this one) or as a `cls_bpf` filter under a
-/// `clsact` qdisc (the fallback), with that filter.
-enum FastHook {
-    Tcx,
-    Clsact(Value),
-}
-
-fn fast_hook(w: &World, dev: &str) -> FastHook {
-    let tcx = w.node.ns.enter(|| tern_bpf::tcx_ingress_programs(dev).unwrap());
-    if tcx.iter().any(|p| p == "tern_fastpath") {
-        FastHook::Tcx
-    } else {
-        FastHook::Clsact(bpf_filter(w, dev))
-    }
-}
-
-/// `dev`'s qdisc kinds, sorted.
-fn qdiscs(w: &World, dev: &str) -> Vec<String> {
-    let mut k = w.qdisc_kinds(dev);
-    k.sort();
-    k
-}
-
-/// The fast path is still attached to `dev`, and `dev` has exactly the
-/// qdiscs `others` besides the fast path's own (a clsact, under cls_bpf).
-fn assert_fast_path_kept(w: &World, dev: &str, others: &[&str]) {
-    let mut want: Vec<String> = others.iter().map(|s| s.to_string()).collect();
-    if let FastHook::Clsact(_) = fast_hook(w, dev) {
-        want.push("clsact".into());
-    }
-    want.sort();
-    assert_eq!(qdiscs(w, dev), want, "qdiscs of {dev}");
-}
-
 /// The fast path's BPF filter on `dev`'s ingress hook.
 fn bpf_filter(w: &World, dev: &str) -> Value {
     let filters = w.ingress_filters(dev);
@@ -644,9 +609,8 @@ fn bpf_filter(w: &World, dev: &str) -> Value {
 }
 
 /// After `tern` with the eBPF fast path: ADD takes the shaped pod off the
-/// fast path and redirects its packets to the ifb behind the fast path's
-/// program (tcx: an ingress qdisc the program passes to; clsact: a filter
-/// ahead of the BPF filter); traffic with another pod of the node then crosses the
+/// fast path and puts the redirect under the fast path's clsact, ahead of
+/// its BPF filter; traffic with another pod of the node then crosses the
 /// ifb and the host veth's tbf (counters, not rates); DEL removes the ifb,
 /// the filter and the tbf, and nothing of the fast path.
 #[test]
@@ -671,23 +635,16 @@ fn fast_path_pod_is_taken_off_it_and_shaped() {
         assert!(!ep.fast, "the shaped pod is still on the fast path: {ep:?}");
     }
     assert!(fast_entry(&w.node.ns, b).unwrap().fast, "the other pod stays on the fast path");
+    // The fast path's clsact is shared, not replaced by an ingress qdisc.
+    assert_eq!(w.qdisc_kinds(&hv_a), vec!["clsact", "tbf"]);
     let redirect = redirects(&w, &hv_a);
     assert_eq!(redirect.len(), 1, "{redirect:?}");
     assert!(redirect[0].to_string().contains(&format!("\"to_dev\":\"{ifb}\"")), "{redirect:?}");
-    match fast_hook(&w, &hv_a) {
-        // tcx runs first and passes the shaped pod's packets on (TCX_NEXT)
-        // to the classic ingress qdisc and its redirect.
-        FastHook::Tcx => assert_eq!(qdiscs(&w, &hv_a), ["ingress", "tbf"]),
-        // The fast path's clsact is shared, not replaced by an ingress
-        // qdisc, and the redirect runs before the BPF filter.
-        FastHook::Clsact(bpf) => {
-            assert_eq!(qdiscs(&w, &hv_a), ["clsact", "tbf"]);
-            assert!(
-                redirect[0]["pref"].as_u64().unwrap() < bpf["pref"].as_u64().unwrap(),
-                "the redirect must run before the BPF filter: {redirect:?} {bpf:?}"
-            );
-        }
-    }
+    let bpf = bpf_filter(&w, &hv_a);
+    assert!(
+        redirect[0]["pref"].as_u64().unwrap() < bpf["pref"].as_u64().unwrap(),
+        "the redirect must run before the BPF filter: {redirect:?} {bpf:?}"
+    );
     let check = || w.bw("CHECK", "ctr-fa", Some(&pod_a.path()), &w.bw_conf("1.1.0", rates(), Some(&out)));
     assert_empty_ok(&check());
 
@@ -712,11 +669,11 @@ fn fast_path_pod_is_taken_off_it_and_shaped() {
     assert_eq!(w.ifbs(), Vec::<String>::new());
     let left = w.ingress_filters(&hv_a);
     assert!(left.iter().all(|f| f["kind"] == "bpf"), "the redirect survived DEL: {left:?}");
-    // DEL keeps the fast path's attachment (and its clsact, if any) and
-    // nothing of its own.
-    assert_fast_path_kept(&w, &hv_a, &[]);
+    assert_eq!(w.qdisc_kinds(&hv_a), vec!["clsact"], "DEL must keep the fast path's clsact and only that");
+    bpf_filter(&w, &hv_a);
     // The other pod's fast path is untouched.
-    assert_fast_path_kept(&w, &hv_b, &[]);
+    assert_eq!(w.qdisc_kinds(&hv_b), vec!["clsact"]);
+    bpf_filter(&w, &hv_b);
     assert!(fast_entry(&w.node.ns, b).unwrap().fast);
     // Idempotent, and the pods still talk.
     assert_empty_ok(&w.bw("DEL", "ctr-fa", Some(&pod_a.path()), &w.bw_conf("1.1.0", rates(), Some(&out))));
@@ -753,9 +710,9 @@ fn fast_path_del_after_the_netns_is_gone() {
     w.node.assert_clean();
 }
 
-/// GC of a shaped fast-path pod that is not listed: the redirect goes
-/// before its ifb (a redirect to a deleted link drops every packet), the
-/// fast path's attachment (tcx, or clsact and BPF filter) stays.
+/// GC of a shaped fast-path pod that is not listed: the redirect under the
+/// clsact goes before its ifb (a redirect to a deleted link drops every
+/// packet), the clsact and the BPF filter stay.
 #[test]
 fn fast_path_gc_removes_the_redirect_with_the_ifb() {
     tern_bpf::ensure_bpffs().unwrap();
@@ -773,11 +730,11 @@ fn fast_path_gc_removes_the_redirect_with_the_ifb() {
     assert_eq!(w.ifbs(), Vec::<String>::new());
     let left = w.ingress_filters(&hv);
     assert!(left.iter().all(|f| f["kind"] == "bpf"), "GC left a redirect to its deleted ifb: {left:?}");
-    // The tbf is DEL's to remove; the fast path stays attached.
-    assert_fast_path_kept(&w, &hv, &["tbf"]);
+    assert!(w.qdisc_kinds(&hv).contains(&"clsact".to_string()));
+    bpf_filter(&w, &hv);
 
     assert_empty_ok(&w.bw("DEL", "ctr-fc", Some(&pod.path()), &w.bw_conf("1.1.0", rates(), Some(&out))));
-    assert_fast_path_kept(&w, &hv, &[]);
+    assert_eq!(w.qdisc_kinds(&hv), vec!["clsact"]);
     w.main_del(Main::TernFast, "ctr-fc", &pod, &res);
     assert_eq!(fast_entries(&w.node.ns), Vec::<Endpoint>::new(), "fast-path entries left");
     w.node.assert_clean();

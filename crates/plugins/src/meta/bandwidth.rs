@@ -6,13 +6,12 @@
 //!   qdisc of the host-side veth, whose egress is the pod's ingress;
 //! * **egress** (traffic *from* the pod): the host veth's `ingress` qdisc
 //!   with a match-all `u32` filter redirecting (`mirred`) every packet to an
-//!   ifb device, whose root qdisc is the token bucket. tern's eBPF fast
-//!   path (`"dataplane": "ebpf"`) attaches its program with tcx, which
-//!   needs no qdisc and passes packets it leaves alone on to this one; on
-//!   kernels without tcx it attaches under a `clsact` qdisc instead, and
-//!   then the filter goes under the clsact's ingress hook at priority
-//!   [`REDIRECT_PRIORITY`], ahead of the direct-action BPF filter, and the
-//!   clsact stays its owner's: DEL removes the filter, not the qdisc.
+//!   ifb device, whose root qdisc is the token bucket. When the host veth
+//!   has a `clsact` qdisc already (tern's eBPF fast path, `"dataplane":
+//!   "ebpf"`, attaches its program under one), the filter goes under the
+//!   clsact's ingress hook at priority [`REDIRECT_PRIORITY`], ahead of the
+//!   direct-action BPF filter, and the clsact stays its owner's: DEL removes
+//!   the filter, not the qdisc.
 //!
 //! A shaped pod is taken off the eBPF fast path (as tern-firewall does):
 //! packets the fast path hands straight to a pod would skip the host veth's

@@ -29,7 +29,7 @@ pub fn register(hv: &LinkInfo, pod_mac: Option<Mac>, bridge: Option<u32>, ips: &
     let host_mac = hv.mac.ok_or_else(|| CniError::internal("host veth has no MAC"))?;
     let pod_mac = pod_mac.ok_or_else(|| CniError::internal("pod interface has no MAC"))?;
     let mut fp = FastPath::open_or_load().map_err(fail)?;
-    fp.attach(&hv.name, hv.index).map_err(fail)?;
+    fp.attach(&hv.name).map_err(fail)?;
     for ip in ips {
         fp.add_endpoint(&Endpoint {
             addr: ip.address.addr(),
