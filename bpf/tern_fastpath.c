@@ -3,13 +3,13 @@
  * tern's eBPF fast path: pod-to-pod traffic on one node, and between pods of
  * different nodes (host routing).
  *
- * tern_fastpath is attached at tc ingress of every fast-path pod's host-side veth (the packets
- * the pod sends). When both ends of a packet are local tern pods that are
- * registered in the endpoint map with the FAST flag, the program rewrites the
- * Ethernet header as the node would have (routed: as a router, TTL/hop limit
- * decremented; bridge: as a switch, the frame unchanged) and hands it with
- * bpf_redirect_peer() straight to the destination pod's interface, in the
- * destination pod's network namespace. The packet then skips the second veth
+ * tern_fastpath is attached at tc ingress of every fast-path pod's host-side
+ * veth: the packets the pod sends. When both ends of a packet are local tern
+ * pods that are registered in the endpoint map with the FAST flag, the
+ * program rewrites the Ethernet header as the node would have (routed: as
+ * a router, TTL/hop limit decremented; bridge: as a switch, the frame
+ * unchanged) and hands it with bpf_redirect_peer() straight to the
+ * destination pod's interface, in the destination pod's network namespace. The packet then skips the second veth
  * crossing, the node's routing or bridging, and netfilter in the node.
  *
  * Host routing (enabled by the agent, which fills tern_cluster and
@@ -17,8 +17,8 @@
  * destination is in the cluster's pools, tern_cluster) is routed with
  * bpf_fib_lookup() and, when the route leaves by an uplink the agent
  * registered (the underlay device, tern's VXLAN device), sent straight out
- * of it with bpf_redirect_neigh(): no forwarding, conntrack or netfilter in the
- * node. tern_uplink, attached at tc ingress of those uplinks, does the
+ * of it with bpf_redirect_neigh(): no forwarding, conntrack or netfilter
+ * in the node. tern_uplink, attached at tc ingress of those uplinks, does the
  * other half: a packet from a pod of another node for a local fast-path
  * pod goes straight into that pod with bpf_redirect_peer(). Traffic between
  * pods of the cluster needs no masquerade, so nothing the node's netfilter

@@ -14,9 +14,11 @@
 //! pod (routed: as a router would send it, TTL/hop limit decremented; bridge:
 //! as the bridge would, between pods of the same bridge), skipping the second
 //! veth crossing, the node's forwarding and **the node's netfilter** (forward
-//! chain, and the bridge's br_netfilter). Everything else keeps the kernel
-//! path: traffic to and from the node, other nodes and the outside
-//! (masquerade, host ports), ARP and neighbour discovery, a pod reaching
+//! chain, and the bridge's br_netfilter). A routed pod's traffic with pods
+//! of other nodes takes the eBPF path too when the node's agent runs with
+//! `--dataplane ebpf` (host routing, see `tern_agent::routing`). Everything
+//! else keeps the kernel path: traffic to and from the node, other nodes and
+//! the outside (masquerade, host ports), ARP and neighbour discovery, a pod reaching
 //! itself, packets whose source address or MAC is not the sending pod's.
 //!
 //! The default stays `"kernel"` because the fast path is invisible to rules
@@ -24,14 +26,12 @@
 //! own rules keep working: tern-firewall takes the pods it is chained for off
 //! the fast path (both directions, see `meta::firewall`); tern-portmap's host
 //! ports are DNAT on the node, so they never look like pod-to-pod traffic,
-//! and their hairpin replies come back masqueraded to the node. Not
-//! honoured on the fast path: tern-bandwidth's limits on pod-to-pod traffic
-//! of the same node (as with Cilium's bandwidth manager, which shapes only
-//! traffic leaving the node); tern-bandwidth's egress limit needs the host
-//! veth's `ingress` qdisc, which the fast path's `clsact` occupies, so that
-//! combination fails at ADD with a clear error. A kernel without the needed
-//! BPF support (cls_bpf, `bpf_redirect_peer`) fails the ADD with an error
-//! that says so; use `"kernel"` there.
+//! and their hairpin replies come back masqueraded to the node.
+//! tern-bandwidth takes the pods it shapes off the fast path too, so its
+//! qdiscs see their traffic (its egress redirect goes under the fast path's
+//! `clsact`, ahead of the BPF filter). A kernel without the needed BPF
+//! support (cls_bpf, `bpf_redirect_peer`) fails the ADD with an error that
+//! says so; use `"kernel"` there.
 mod config;
 pub mod fastpath;
 pub mod nft;
