@@ -377,7 +377,8 @@ impl Router {
     /// programs it ([`Router::sync_host_routing`]).
     pub fn enable_host_routing(&mut self, pools: &[IpNet]) -> Result<(), RoutingError> {
         if self.config.dataplane != Dataplane::Ebpf {
-            return Ok(());
+            // An agent that ran with ebpf before may have left it on.
+            return self.remove_host_routing();
         }
         self.host_routing = pools.iter().map(|p| (p.network(), p.prefix_len())).collect();
         self.sync_host_routing()
@@ -407,6 +408,34 @@ impl Router {
         fp.set_uplinks(&uplinks.iter().map(|u| u.1).collect::<Vec<_>>())?;
         for (name, _) in uplinks {
             fp.attach_uplink(name)?;
+        }
+        Ok(())
+    }
+
+    /// Turns eBPF host routing off, whoever turned it on: the uplink
+    /// program off the uplinks, the maps emptied. Pods keep their same-node
+    /// fast path.
+    fn remove_host_routing(&mut self) -> Result<(), RoutingError> {
+        let was_on = !self.host_routing.is_empty();
+        self.host_routing.clear();
+        // The uplink filter by its fixed priority and handle, through the
+        // router's own netlink socket (the namespace the router serves).
+        let mut found = false;
+        for (_, index) in self.uplinks() {
+            for f in self.nl.ingress_filters(index)? {
+                if f.kind == "bpf" && f.priority == tern_bpf::UPLINK_PRIORITY && f.handle == tern_bpf::UPLINK_HANDLE {
+                    self.nl.delete_ingress_filter(&f)?;
+                    found = true;
+                }
+            }
+        }
+        // The maps are the calling thread's namespace's, which is the
+        // router's in the agent: touched only when host routing was there.
+        if was_on || found {
+            if let Some(mut fp) = tern_bpf::FastPath::open_existing()? {
+                fp.set_uplinks(&[])?;
+                fp.set_cluster_prefixes(&[])?;
+            }
         }
         Ok(())
     }
@@ -457,16 +486,7 @@ impl Router {
         let (actual, strays) = self.actual()?;
         let mut report = ReconcileReport::default();
         self.apply(&diff(&Actual::default(), &actual), &strays, &mut report);
-        if !self.host_routing.is_empty() {
-            for (name, _) in self.uplinks() {
-                tern_bpf::detach_uplink(name)?;
-            }
-            if let Some(mut fp) = tern_bpf::FastPath::open_existing()? {
-                fp.set_uplinks(&[])?;
-                fp.set_cluster_prefixes(&[])?;
-            }
-            self.host_routing.clear();
-        }
+        self.remove_host_routing()?;
         if let Some(vx) = self.vxlan.take() {
             self.nl.delete_link_index(vx.index)?;
         }

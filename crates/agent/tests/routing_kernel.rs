@@ -216,8 +216,17 @@ fn ebpf_host_routing_is_programmed_repaired_and_torn_down() {
     assert_eq!((filters("eth0"), filters(VXLAN_DEVICE)), (1, 1));
     assert_eq!(uplinks(&r), ["eth0", VXLAN_DEVICE]);
 
+    // An agent restarted with the kernel dataplane turns host routing off.
+    let mut kernel = a.ns.enter(|| Router::new(a.name, RoutingConfig::new(Mode::Auto, "eth0")).expect("router"));
+    a.ns.enter(|| kernel.enable_host_routing(&["10.244.0.0/16".parse().unwrap()]).unwrap());
+    assert_eq!((filters("eth0"), filters(VXLAN_DEVICE)), (0, 0));
+    let left = a.ns.enter(|| tern_bpf::FastPath::open_existing().unwrap().unwrap().uplinks().unwrap());
+    assert!(left.is_empty(), "{left:?}");
+
     // Teardown detaches the uplink program and empties the maps; the
     // underlay keeps its clsact (other filters may use it).
+    a.ns.enter(|| r.enable_host_routing(&["10.244.0.0/16".parse().unwrap()]).unwrap());
+    assert_eq!((filters("eth0"), filters(VXLAN_DEVICE)), (1, 1));
     a.ns.enter(|| r.teardown().unwrap());
     assert_eq!(filters("eth0"), 0);
     let left = a.ns.enter(|| tern_bpf::FastPath::open_existing().unwrap().unwrap().uplinks().unwrap());

@@ -80,9 +80,10 @@ const CLUSTER: &str = "tern_cluster";
 /// The uplinks host routing may send to, by ifindex, with a counter.
 const UPLINKS: &str = "tern_uplinks";
 /// The uplink program's tc filter: a fixed priority and handle, so a
-/// restarted agent replaces its filter instead of adding a second one.
-const UPLINK_PRIORITY: u16 = 0x7e00;
-const UPLINK_HANDLE: u32 = 0x7e;
+/// restarted agent replaces its filter instead of adding a second one, and
+/// the agent finds it to remove it.
+pub const UPLINK_PRIORITY: u16 = 0x7e00;
+pub const UPLINK_HANDLE: u32 = 0x7e;
 /// tern's own bpffs mount. Not /sys/fs/bpf: plugins started like `ip netns
 /// exec` does (a private mount namespace with a fresh /sys) would see an
 /// empty /sys/fs/bpf there, while /run is the host's.
@@ -534,17 +535,6 @@ impl FastPath {
             }
         }
         Ok(changed)
-    }
-}
-
-/// Host routing off for `ifname`: remove tern's uplink filter from its tc
-/// ingress (any build's), leaving its `clsact` qdisc and other filters.
-/// `Ok(false)` when there was none.
-pub fn detach_uplink(ifname: &str) -> Result<bool> {
-    match aya::programs::tc::qdisc_detach_program(ifname, TcAttachType::Ingress, UPLINK_PROGRAM) {
-        Ok(()) => Ok(true),
-        Err(TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(kernel_err(&format!("detach from {ifname} ingress"), e)),
     }
 }
 
