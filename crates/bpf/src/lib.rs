@@ -134,7 +134,11 @@ fn kernel_err(what: &str, e: impl fmt::Display + fmt::Debug) -> Error {
     Error(format!("eBPF fast path: {what}: {e}{hint}"))
 }
 
-/// FNV-1a of the object, so each build of the program pins its own directory.
+/// FNV-1a of the object, so each build of the program pins its own
+/// directory. Computed at compile time: a `const fn` called at run time
+/// would hash the whole object on every ADD.
+const OBJECT_HASH: u64 = object_hash();
+
 const fn object_hash() -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     let mut i = 0;
@@ -148,7 +152,7 @@ const fn object_hash() -> u64 {
 
 /// Where this build's instances are pinned, one directory per namespace.
 pub fn build_dir() -> PathBuf {
-    PathBuf::from(format!("{BPFFS}/fastpath-{:012x}", object_hash() & 0xffff_ffff_ffff))
+    PathBuf::from(format!("{BPFFS}/fastpath-{:012x}", OBJECT_HASH & 0xffff_ffff_ffff))
 }
 
 /// Where the instance of the namespace with this cookie and inode is pinned.
