@@ -193,7 +193,7 @@ fn start_etcd(st: &mut LabState, fabric_ns: &tern_sys::NetNs) -> Result<()> {
 
 fn agent_argv(st: &LabState, node: &NodeState) -> Vec<String> {
     let dir = node_dir(&st.lab, &node.name);
-    vec![
+    let mut argv = vec![
         st.tern.display().to_string(),
         "agent".into(),
         "--node".into(),
@@ -216,7 +216,16 @@ fn agent_argv(st: &LabState, node: &NodeState) -> Vec<String> {
         "eth0".into(),
         "--dataplane".into(),
         st.spec.dataplane.to_string(),
-    ]
+    ];
+    if st.spec.ipv6 {
+        argv.extend([
+            "--pool".into(),
+            spec::CLUSTER_CIDR6.into(),
+            "--block-prefix".into(),
+            spec::BLOCK_PREFIX6.to_string(),
+        ]);
+    }
+    argv
 }
 
 /// Starts (or restarts) node `name`'s agent and waits until it answers.

@@ -8,6 +8,10 @@
 //! server answers each connection with the peer address it saw, which
 //! proves masquerade: a pod reaching the external host must appear as its
 //! node's underlay address.
+//!
+//! In a dual-stack lab every pod's IPv6 address is an endpoint of its own
+//! (`<pod>/v6`), probed from and to the other pods' IPv6 addresses (nodes
+//! and the external host are IPv4 only).
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
@@ -32,6 +36,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(1500);
 pub enum Kind {
     PodPodSameNode,
     PodPodCrossNode,
+    PodPodSameNode6,
+    PodPodCrossNode6,
     PodNode,
     NodePod,
     NodeNode,
@@ -44,6 +50,8 @@ impl Kind {
         match self {
             Kind::PodPodSameNode => "pod→pod, same node",
             Kind::PodPodCrossNode => "pod→pod, cross node",
+            Kind::PodPodSameNode6 => "pod→pod, same node, IPv6",
+            Kind::PodPodCrossNode6 => "pod→pod, cross node, IPv6",
             Kind::PodNode => "pod→node (other nodes: masqueraded)",
             Kind::NodePod => "node→pod",
             Kind::NodeNode => "node→node",
@@ -90,11 +98,13 @@ fn endpoints(st: &LabState) -> Vec<Endpoint> {
     let mut out = Vec::new();
     for n in &st.nodes {
         for p in st.pods.iter().filter(|p| p.node == n.name) {
-            if let Some(ip) = p.ips.iter().find(|ip| ip.is_ipv4()) {
+            let v4 = p.ips.iter().find(|ip| ip.is_ipv4()).map(|ip| (p.name.clone(), *ip));
+            let v6 = p.ips.iter().find(|ip| ip.is_ipv6()).map(|ip| (format!("{}/v6", p.name), *ip));
+            for (name, ip) in v4.into_iter().chain(v6) {
                 out.push(Endpoint {
-                    name: p.name.clone(),
+                    name,
                     netns: p.netns.clone(),
-                    ip: *ip,
+                    ip,
                     node: Some(n.name.clone()),
                     is_pod: true,
                     node_ip: Some(IpAddr::V4(n.ip)),
@@ -124,6 +134,9 @@ fn endpoints(st: &LabState) -> Vec<Endpoint> {
 }
 
 fn kind(from: &Endpoint, to: &Endpoint) -> Kind {
+    if from.ip.is_ipv6() {
+        return if from.node == to.node { Kind::PodPodSameNode6 } else { Kind::PodPodCrossNode6 };
+    }
     match (from.is_pod, to.is_pod, to.node.is_none()) {
         (true, _, true) => Kind::PodExternal,
         (false, _, true) => Kind::NodeExternal,
@@ -151,8 +164,10 @@ impl Servers {
                 continue;
             }
             let ns = NetNs::open(netns_path(&ep.netns)).with_context(|| format!("netns {}", ep.netns))?;
+            // Dual stack ([::], IPV6_V6ONLY off): IPv4 peers arrive as
+            // v4-mapped addresses, which `serve` answers in IPv4 form.
             let listener = ns
-                .enter(|| TcpListener::bind(SocketAddr::new(IpAddr::from([0, 0, 0, 0]), PROBE_PORT)))?
+                .enter(|| TcpListener::bind(SocketAddr::new(IpAddr::from([0u16; 8]), PROBE_PORT)))?
                 .with_context(|| format!("probe server in {}", ep.netns))?;
             listener.set_nonblocking(true)?;
             let stop = stop.clone();
@@ -179,7 +194,7 @@ fn serve(listener: TcpListener, stop: &AtomicBool) {
                 let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
                 let mut line = String::new();
                 if BufReader::new(&conn).read_line(&mut line).is_ok() {
-                    let _ = writeln!(conn, "{}", peer.ip());
+                    let _ = writeln!(conn, "{}", peer.ip().to_canonical());
                 }
             }
             Err(_) => std::thread::sleep(Duration::from_millis(2)),
@@ -214,7 +229,8 @@ pub fn run(st: &LabState) -> Result<Report> {
     let mut pairs = Vec::new();
     for from in eps.iter().filter(|e| e.node.is_some()) {
         for to in &eps {
-            if from.name != to.name {
+            // IPv6 endpoints (pods) talk to IPv6 endpoints only.
+            if from.name != to.name && from.ip.is_ipv6() == to.ip.is_ipv6() {
                 pairs.push((from, to));
             }
         }

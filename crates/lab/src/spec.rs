@@ -80,6 +80,9 @@ impl Lab {
 }
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 pub const BLOCK_PREFIX: u8 = 26;
+/// The IPv6 pool of a dual-stack lab (`--ipv6`), cut into /122 blocks.
+pub const CLUSTER_CIDR6: &str = "fd00:10:244::/56";
+pub const BLOCK_PREFIX6: u8 = 122;
 pub const ETCD_PORT: u16 = 2379;
 pub const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 pub const EXTERNAL_GW: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
@@ -97,6 +100,10 @@ pub struct LabSpec {
     /// `ebpf`: pods on tern's eBPF fast path, agents with eBPF host routing.
     #[serde(default)]
     pub dataplane: Dataplane,
+    /// Dual stack: pods also get an address of [`CLUSTER_CIDR6`], carried
+    /// between nodes over VXLAN (the underlay is IPv4).
+    #[serde(default)]
+    pub ipv6: bool,
 }
 
 impl LabSpec {
@@ -112,6 +119,13 @@ impl LabSpec {
         }
         if self.pods_per_node > MAX_PODS_PER_NODE {
             return Err(format!("--pods-per-node {}: at most {MAX_PODS_PER_NODE}", self.pods_per_node));
+        }
+        if self.ipv6 && self.routing != Mode::Vxlan {
+            return Err(format!(
+                "--ipv6 needs --routing vxlan, not {}: the lab's underlay is IPv4, so direct routes cannot carry \
+                 IPv6 blocks",
+                self.routing
+            ));
         }
         Ok(())
     }
@@ -157,10 +171,14 @@ pub fn cluster_cidr() -> IpNet {
     CLUSTER_CIDR.parse().expect("cluster CIDR")
 }
 
+pub fn cluster_cidr6() -> IpNet {
+    CLUSTER_CIDR6.parse().expect("cluster CIDR")
+}
+
 /// Whether `ip` is a lab address (the underlay, the external segment or
 /// the cluster CIDR): the lab only ever sends to these.
 pub fn is_lab_address(ip: IpAddr) -> bool {
-    let IpAddr::V4(v) = ip else { return false };
+    let IpAddr::V4(v) = ip else { return cluster_cidr6().contains(&ip) };
     let o = v.octets();
     (o[0] == 10 && o[1] == 10) || (o[0] == 203 && o[1] == 0 && o[2] == 113) || cluster_cidr().contains(&ip)
 }
@@ -170,7 +188,7 @@ mod tests {
     use super::*;
 
     fn spec(nodes: u8, subnets: u8) -> LabSpec {
-        LabSpec { nodes, subnets, pods_per_node: 2, routing: Mode::Auto, dataplane: Dataplane::Kernel }
+        LabSpec { nodes, subnets, pods_per_node: 2, routing: Mode::Auto, dataplane: Dataplane::Kernel, ipv6: false }
     }
 
     #[test]
@@ -191,6 +209,9 @@ mod tests {
         assert!(spec(0, 1).validate().unwrap_err().contains("--nodes"));
         assert!(spec(2, 3).validate().unwrap_err().contains("--subnets"));
         assert!(LabSpec { pods_per_node: 99, ..spec(2, 1) }.validate().unwrap_err().contains("--pods-per-node"));
+        assert!(LabSpec { ipv6: true, ..spec(2, 1) }.validate().unwrap_err().contains("--routing vxlan"));
+        assert!(LabSpec { ipv6: true, routing: Mode::Vxlan, ..spec(2, 1) }.validate().is_ok());
+        assert!(is_lab_address("fd00:10:244:1::5".parse().unwrap()) && !is_lab_address("fd00:1::5".parse().unwrap()));
         assert!(spec(3, 2).validate().is_ok());
     }
 

@@ -111,6 +111,14 @@ impl Lab {
         p["ips"][0].as_str().unwrap().parse().unwrap()
     }
 
+    /// The pod's IPv6 address (dual-stack labs).
+    fn pod_ip6(&self, pod: &str) -> IpAddr {
+        let st = self.status();
+        let p = st["pods"].as_array().unwrap().iter().find(|p| p["name"] == pod).unwrap_or_else(|| panic!("pod {pod}"));
+        let ips = p["ips"].as_array().unwrap().iter().map(|i| i.as_str().unwrap().parse::<IpAddr>().unwrap());
+        ips.into_iter().find(|i| i.is_ipv6()).unwrap_or_else(|| panic!("pod {pod} has no IPv6 address"))
+    }
+
     fn namespaces(&self) -> Vec<String> {
         std::fs::read_dir("/run/netns")
             .map(|d| {
@@ -154,7 +162,8 @@ fn connects(from: &str, to: IpAddr, port: u16) -> bool {
 
 fn listen_in(netns: &str, port: u16) -> TcpListener {
     let ns = NetNs::open(format!("/run/netns/{netns}")).unwrap();
-    ns.enter(|| TcpListener::bind(SocketAddr::new(IpAddr::from([0, 0, 0, 0]), port))).unwrap().unwrap()
+    // [::] with IPV6_V6ONLY off: IPv4 and IPv6 clients.
+    ns.enter(|| TcpListener::bind(SocketAddr::new(IpAddr::from([0u16; 8]), port))).unwrap().unwrap()
 }
 
 fn assert_gone(lab: &Lab, pids: &[u32]) {
@@ -428,6 +437,70 @@ fn ebpf_host_routing_carries_pod_traffic_between_nodes_past_the_nodes_forwarding
     lab.ok(&["down"]);
     assert_gone(&lab, &pids);
     assert!(pins.iter().all(|p| !p.exists()), "pins left: {pins:?}");
+}
+
+const FORWARD_PROBE6: &str = "table inet tern_test_probe {
+  chain probe {
+    type filter hook forward priority -300; policy accept;
+    ip6 saddr fd00:10:244::/56 ip6 daddr fd00:10:244::/56 counter
+  }
+}";
+
+/// The IPv6 cells of a matrix, by kind.
+fn ipv6_cells(m: &Value) -> std::collections::BTreeMap<String, usize> {
+    let mut by = std::collections::BTreeMap::new();
+    for c in m["cells"].as_array().unwrap() {
+        let kind = c["kind"].as_str().unwrap();
+        if kind.ends_with("6") {
+            *by.entry(kind.to_string()).or_default() += 1;
+        }
+    }
+    by
+}
+
+#[test]
+fn dual_stack_lab_carries_ipv6_between_nodes_on_both_dataplanes() {
+    // The lab's underlay is IPv4: IPv6 needs VXLAN, and says so.
+    let lab = Lab::new();
+    let out = lab.run(&["up", "--nodes", "2", "--routing", "direct", "--ipv6"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--routing vxlan"), "{out:?}");
+
+    for dataplane in ["kernel", "ebpf"] {
+        lab.ok(&[
+            "up",
+            "--nodes",
+            "2",
+            "--routing",
+            "vxlan",
+            "--pods-per-node",
+            "2",
+            "--ipv6",
+            "--dataplane",
+            dataplane,
+        ]);
+        let m = lab.matrix();
+        // 4 pods: each reaches the 3 others over IPv6 too.
+        let six = ipv6_cells(&m);
+        assert_eq!(
+            (six.get("pod-pod-same-node6"), six.get("pod-pod-cross-node6")),
+            (Some(&4), Some(&8)),
+            "{dataplane}: {six:?}"
+        );
+        let to = lab.pod_ip6("n2-p1");
+        assert!(to.is_ipv6() && to.to_string().starts_with("fd00:10:244:"), "{to}");
+        if dataplane == "ebpf" {
+            // Host-routed over IPv6 too: no node forwards the pods' packets.
+            for n in ["n1", "n2"] {
+                lab.sh(n, &format!("nft -f - <<'EOF'\n{FORWARD_PROBE6}\nEOF"));
+            }
+            exchange(&lab, "n1-p1", "n2-p1", to, 18093);
+            for n in ["n1", "n2"] {
+                assert_eq!(forwarded_pod_packets(&lab, n), 0, "IPv6 pod packets through {n}'s forwarding");
+            }
+            assert!(uplink_counters(&lab, "n1")["tern.vxlan"] > 0);
+        }
+    }
 }
 
 #[test]

@@ -52,6 +52,10 @@ pub struct UpArgs {
     /// agents with eBPF host routing between nodes.
     #[arg(long, default_value = "kernel")]
     dataplane: tern_routing::Dataplane,
+    /// Dual stack: pods also get an IPv6 address (fd00:10:244::/56), carried between nodes over VXLAN
+    /// (needs --routing vxlan: the underlay is IPv4).
+    #[arg(long)]
+    ipv6: bool,
 }
 
 #[derive(clap::Args)]
@@ -115,11 +119,12 @@ fn print_status(st: &LabState, json: bool) -> Result<()> {
         return Ok(());
     }
     println!(
-        "lab: {} nodes, {} subnets, routing {}, dataplane {}, etcd {}",
+        "lab: {} nodes, {} subnets, routing {}, dataplane {}{}, etcd {}",
         st.nodes.len(),
         st.spec.subnets,
         st.spec.routing,
         st.spec.dataplane,
+        if st.spec.ipv6 { ", dual stack" } else { "" },
         match st.etcd {
             Some(e) if e.alive() => format!("up (pid {})", e.pid),
             _ => "DOWN".into(),
@@ -151,6 +156,7 @@ pub fn run(args: Args) -> Result<()> {
                 pods_per_node: a.pods_per_node,
                 routing: a.routing,
                 dataplane: a.dataplane,
+                ipv6: a.ipv6,
             };
             let tern = std::env::current_exe().context("locating the tern executable")?;
             let mut bar = Bar { live: std::io::stderr().is_terminal(), started: Instant::now() };

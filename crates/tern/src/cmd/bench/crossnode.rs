@@ -27,7 +27,7 @@ fn lab(dp: &Dataplane, ws: &Workspace, routing: Mode, dataplane: Forwarding) -> 
     if dataplane == Forwarding::Ebpf {
         label.push('e');
     }
-    ws.lab(&label, LabSpec { nodes: 2, subnets: 1, pods_per_node: 1, routing, dataplane })
+    ws.lab(&label, LabSpec { nodes: 2, subnets: 1, pods_per_node: 1, routing, dataplane, ipv6: false })
 }
 
 fn pod_pair(dp: &Dataplane, ws: &Workspace, routing: Mode, dataplane: Forwarding) -> Result<Pair> {
