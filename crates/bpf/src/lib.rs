@@ -365,11 +365,7 @@ impl FastPath {
             .program
             .as_mut()
             .ok_or_else(|| Error("eBPF fast path: opened without the program (open_or_load attaches)".into()))?;
-        match qdisc_add_clsact(host_ifname) {
-            Ok(()) => {}
-            Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(nix::libc::EEXIST) => {}
-            Err(e) => return Err(kernel_err(&format!("clsact qdisc on {host_ifname}"), e)),
-        }
+        ensure_clsact(host_ifname)?;
         let link = program
             .attach_with_options(host_ifname, TcAttachType::Ingress, TcAttachOptions::Netlink(NlOptions::default()))
             .map_err(|e| kernel_err(&format!("attach to {host_ifname} ingress"), e))?;
@@ -451,11 +447,7 @@ impl FastPath {
         let mut program = ProgramInfo::from_pin(&path)
             .and_then(|info| SchedClassifier::from_program_info(info, UPLINK_PROGRAM.into()))
             .map_err(|e| kernel_err(&format!("open {}", path.display()), e))?;
-        match qdisc_add_clsact(ifname) {
-            Ok(()) => {}
-            Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(nix::libc::EEXIST) => {}
-            Err(e) => return Err(kernel_err(&format!("clsact qdisc on {ifname}"), e)),
-        }
+        ensure_clsact(ifname)?;
         let options = || NlOptions { priority: UPLINK_PRIORITY, handle: TcHandle::from(UPLINK_HANDLE), classid: None };
         let link = match program.attach_with_options(ifname, TcAttachType::Ingress, TcAttachOptions::Netlink(options()))
         {
@@ -539,6 +531,15 @@ impl FastPath {
             }
         }
         Ok(changed)
+    }
+}
+
+/// A `clsact` qdisc on `ifname`, added unless it is there.
+fn ensure_clsact(ifname: &str) -> Result<()> {
+    match qdisc_add_clsact(ifname) {
+        Ok(()) => Ok(()),
+        Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(nix::libc::EEXIST) => Ok(()),
+        Err(e) => Err(kernel_err(&format!("clsact qdisc on {ifname}"), e)),
     }
 }
 

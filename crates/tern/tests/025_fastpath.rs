@@ -17,34 +17,15 @@ use std::net::IpAddr;
 use chained::*;
 use common::*;
 use serde_json::{json, Value};
-use tern_bpf::{Endpoint, FastPath};
+use tern_bpf::Endpoint;
 use tern_testkit::*;
-
-/// Removes the node's fast-path pins when the test's node goes (the pins
-/// live as long as the node namespace; a real node keeps them).
-struct Pins<'a>(&'a Netns);
-
-impl Drop for Pins<'_> {
-    fn drop(&mut self) {
-        let _ = self.0.enter(tern_bpf::unpin_current_netns);
-    }
-}
-
-/// The node's datapath entry for `addr`.
-fn endpoint(node: &Netns, addr: IpAddr) -> Option<Endpoint> {
-    node.enter(|| FastPath::open_existing().unwrap().and_then(|fp| fp.endpoint(addr).unwrap()))
-}
-
-fn entries(node: &Netns) -> Vec<Endpoint> {
-    node.enter(|| FastPath::open_existing().unwrap().map(|fp| fp.endpoints().unwrap()).unwrap_or_default())
-}
 
 fn pinned(node: &Netns) -> bool {
     node.enter(|| tern_bpf::is_pinned_in_current_netns().unwrap())
 }
 
 fn redirected(node: &Netns, addr: IpAddr) -> u64 {
-    endpoint(node, addr).unwrap_or_else(|| panic!("no fast-path entry for {addr}")).redirected
+    fast_entry(node, addr).unwrap_or_else(|| panic!("no fast-path entry for {addr}")).redirected
 }
 
 /// An nftables table in the node counting the TCP packets its forward hook
@@ -102,7 +83,7 @@ fn pod_to_pod(k: u8, mode: &str) {
     let (a, b) = (addrs(&res_a), addrs(&res_b));
     assert_eq!((a.len(), b.len()), (2, 2), "{res_a:#} {res_b:#}");
     assert!(pinned(&node.ns));
-    for ep in entries(&node.ns) {
+    for ep in fast_entries(&node.ns) {
         assert!(ep.fast, "{ep:?}");
     }
     // The program sits at tc ingress of both host veths.
@@ -131,12 +112,15 @@ fn pod_to_pod(k: u8, mode: &str) {
     drop_counter(&node.ns);
 
     assert_empty_ok(&node.del(&with_prev(&conf, &res_a), "ctr-a", Some(&pod_a.path())));
-    assert!(endpoint(&node.ns, a[0]).is_none() && endpoint(&node.ns, a[1]).is_none(), "pod a's entries survived DEL");
-    assert_eq!(entries(&node.ns).len(), 2, "pod b's entries must stay");
+    assert!(
+        fast_entry(&node.ns, a[0]).is_none() && fast_entry(&node.ns, a[1]).is_none(),
+        "pod a's entries survived DEL"
+    );
+    assert_eq!(fast_entries(&node.ns).len(), 2, "pod b's entries must stay");
     // DEL is idempotent.
     assert_empty_ok(&node.del(&with_prev(&conf, &res_a), "ctr-a", Some(&pod_a.path())));
     assert_empty_ok(&node.del(&with_prev(&conf, &res_b), "ctr-b", Some(&pod_b.path())));
-    assert_eq!(entries(&node.ns), Vec::<Endpoint>::new(), "entries left after the last DEL");
+    assert_eq!(fast_entries(&node.ns), Vec::<Endpoint>::new(), "entries left after the last DEL");
     // The instance stays pinned while the node lives: the next pod only opens it.
     assert!(pinned(&node.ns));
     node.assert_clean();
@@ -172,7 +156,7 @@ fn masquerade_still_works() {
     assert!(redirected(&node.ns, b[0]) > 0);
     assert_empty_ok(&node.del(&with_prev(&conf, &res_a), "ctr-a", Some(&pod_a.path())));
     assert_empty_ok(&node.del(&with_prev(&conf, &res_b), "ctr-b", Some(&pod_b.path())));
-    assert_eq!(entries(&node.ns), Vec::<Endpoint>::new(), "entries left after DEL");
+    assert_eq!(fast_entries(&node.ns), Vec::<Endpoint>::new(), "entries left after DEL");
     node.assert_clean();
 }
 
@@ -213,7 +197,7 @@ fn firewall_chained_pods_take_the_kernel_path() {
     }
     for res in &results {
         for ip in addrs(res) {
-            let ep = endpoint(&node.ns, ip).expect("entry kept, flag cleared");
+            let ep = fast_entry(&node.ns, ip).expect("entry kept, flag cleared");
             assert!(!ep.fast, "{ep:?}");
         }
     }
@@ -233,7 +217,7 @@ fn firewall_chained_pods_take_the_kernel_path() {
         run_meta(&node, "tern-firewall", "DEL", cid, Some(ns), &fw).assert_ok();
         assert_empty_ok(&node.del(&with_prev(conf, res), cid, Some(&ns.path())));
     }
-    assert_eq!(entries(&node.ns), Vec::<Endpoint>::new(), "entries left after DEL");
+    assert_eq!(fast_entries(&node.ns), Vec::<Endpoint>::new(), "entries left after DEL");
     node.assert_clean();
 }
 
@@ -275,7 +259,7 @@ fn spoofed_source_is_not_redirected() {
     for ((ns, cid), r) in [(&pod_a, "ctr-a"), (&pod_b, "ctr-b"), (&pod_c, "ctr-c")].iter().zip(&res) {
         assert_empty_ok(&node.del(&with_prev(&conf, r), cid, Some(&ns.path())));
     }
-    assert_eq!(entries(&node.ns), Vec::<Endpoint>::new(), "entries left after DEL");
+    assert_eq!(fast_entries(&node.ns), Vec::<Endpoint>::new(), "entries left after DEL");
     node.assert_clean();
 }
 
@@ -296,14 +280,14 @@ fn gc_and_address_reuse_clean_leftover_entries() {
     // Pod a dies without DEL: its veth goes with its namespace.
     pod_a.delete_now();
     assert!(wait_until(std::time::Duration::from_secs(5), || node.veths().len() == 1));
-    assert!(endpoint(&node.ns, a[0]).is_some(), "the entry outlives the veth until GC");
+    assert!(fast_entry(&node.ns, a[0]).is_some(), "the entry outlives the veth until GC");
     let gc = {
         let mut c: Value = serde_json::from_str(&conf).unwrap();
         c["cni.dev/valid-attachments"] = json!([{ "containerID": "ctr-b", "ifname": "eth0" }]);
         c.to_string()
     };
     exec_plugin(&node.ns, &node.plugins, "tern", "GC", "", None, "", "", &gc).assert_ok();
-    let left: Vec<IpAddr> = entries(&node.ns).iter().map(|e| e.addr).collect();
+    let left: Vec<IpAddr> = fast_entries(&node.ns).iter().map(|e| e.addr).collect();
     assert_eq!(left.len(), 2, "{left:?}");
     assert!(left.contains(&b[0]) && left.contains(&b[1]), "{left:?}");
 
@@ -318,10 +302,10 @@ fn gc_and_address_reuse_clean_leftover_entries() {
         c.to_string()
     };
     let res_c = node.add_ok(&kernel_conf, "ctr-c", &pod_c);
-    assert!(endpoint(&node.ns, b[0]).is_none(), "the kernel-dataplane ADD must drop the entry of its address");
+    assert!(fast_entry(&node.ns, b[0]).is_none(), "the kernel-dataplane ADD must drop the entry of its address");
     assert_empty_ok(&node.del(&with_prev(&kernel_conf, &res_c), "ctr-c", Some(&pod_c.path())));
     assert_empty_ok(&node.del(&with_prev(&conf, &res_b), "ctr-b", Some(&pod_b.path())));
-    assert_eq!(entries(&node.ns), Vec::<Endpoint>::new(), "entries left after DEL");
+    assert_eq!(fast_entries(&node.ns), Vec::<Endpoint>::new(), "entries left after DEL");
     assert_eq!(node.veths(), Vec::<String>::new());
 }
 
@@ -337,7 +321,7 @@ fn bad_dataplane_is_rejected() {
         assert_error_naming(&run, &["dataplane"]);
         assert_eq!(run.error_code(), Some(7), "{bad}: {}", run.stdout);
     }
-    assert_eq!(entries(&node.ns), Vec::<Endpoint>::new(), "entries left after DEL");
+    assert_eq!(fast_entries(&node.ns), Vec::<Endpoint>::new(), "entries left after DEL");
     node.assert_clean();
 }
 

@@ -561,25 +561,6 @@ fn failed_add_undoes_what_it_made() {
     w.node.assert_clean();
 }
 
-/// Removes the node's fast-path pins when the test's node goes (a real
-/// node keeps them while it lives).
-struct Pins<'a>(&'a Netns);
-
-impl Drop for Pins<'_> {
-    fn drop(&mut self) {
-        let _ = self.0.enter(tern_bpf::unpin_current_netns);
-    }
-}
-
-/// The node's fast-path entry for `addr`.
-fn fast_entry(node: &Netns, addr: IpAddr) -> Option<Endpoint> {
-    node.enter(|| FastPath::open_existing().unwrap().and_then(|fp| fp.endpoint(addr).unwrap()))
-}
-
-fn fast_entries(node: &Netns) -> Vec<Endpoint> {
-    node.enter(|| FastPath::open_existing().unwrap().map(|fp| fp.endpoints().unwrap()).unwrap_or_default())
-}
-
 fn set_fast(node: &Netns, addr: IpAddr, fast: bool) {
     node.enter(|| FastPath::open_existing().unwrap().unwrap().set_policy_bypass(&[addr], fast).unwrap());
 }

@@ -105,18 +105,20 @@ impl Lab {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    fn pod_ip(&self, pod: &str) -> IpAddr {
+    /// The pod's addresses, IPv4 first.
+    fn pod_ips(&self, pod: &str) -> Vec<IpAddr> {
         let st = self.status();
         let p = st["pods"].as_array().unwrap().iter().find(|p| p["name"] == pod).unwrap_or_else(|| panic!("pod {pod}"));
-        p["ips"][0].as_str().unwrap().parse().unwrap()
+        p["ips"].as_array().unwrap().iter().map(|i| i.as_str().unwrap().parse().unwrap()).collect()
+    }
+
+    fn pod_ip(&self, pod: &str) -> IpAddr {
+        self.pod_ips(pod)[0]
     }
 
     /// The pod's IPv6 address (dual-stack labs).
     fn pod_ip6(&self, pod: &str) -> IpAddr {
-        let st = self.status();
-        let p = st["pods"].as_array().unwrap().iter().find(|p| p["name"] == pod).unwrap_or_else(|| panic!("pod {pod}"));
-        let ips = p["ips"].as_array().unwrap().iter().map(|i| i.as_str().unwrap().parse::<IpAddr>().unwrap());
-        ips.into_iter().find(|i| i.is_ipv6()).unwrap_or_else(|| panic!("pod {pod} has no IPv6 address"))
+        self.pod_ips(pod).into_iter().find(|i| i.is_ipv6()).unwrap_or_else(|| panic!("pod {pod} has no IPv6 address"))
     }
 
     fn namespaces(&self) -> Vec<String> {
@@ -360,17 +362,22 @@ fn exchange(lab: &Lab, from: &str, to: &str, to_ip: IpAddr, port: u16) {
     echo.join().unwrap();
 }
 
+/// Counts the pods' packets (either family) that the node forwards.
 const FORWARD_PROBE: &str = "table inet tern_test_probe {
   chain probe {
     type filter hook forward priority -300; policy accept;
     ip saddr 10.244.0.0/16 ip daddr 10.244.0.0/16 counter
+    ip6 saddr fd00:10:244::/56 ip6 daddr fd00:10:244::/56 counter
   }
 }";
 
 fn forwarded_pod_packets(lab: &Lab, node: &str) -> u64 {
     let out = lab.sh(node, "nft list table inet tern_test_probe");
-    let n = out.split_whitespace().skip_while(|w| *w != "packets").nth(1);
-    n.and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no probe counter on {node}: {out}"))
+    let words: Vec<&str> = out.split_whitespace().collect();
+    let counts: Vec<u64> =
+        words.windows(2).filter(|w| w[0] == "packets").map(|w| w[1].parse().expect("a packet count")).collect();
+    assert_eq!(counts.len(), 2, "the probe's two counters on {node}: {out}");
+    counts.iter().sum()
 }
 
 #[test]
@@ -439,13 +446,6 @@ fn ebpf_host_routing_carries_pod_traffic_between_nodes_past_the_nodes_forwarding
     assert!(pins.iter().all(|p| !p.exists()), "pins left: {pins:?}");
 }
 
-const FORWARD_PROBE6: &str = "table inet tern_test_probe {
-  chain probe {
-    type filter hook forward priority -300; policy accept;
-    ip6 saddr fd00:10:244::/56 ip6 daddr fd00:10:244::/56 counter
-  }
-}";
-
 /// The IPv6 cells of a matrix, by kind.
 fn ipv6_cells(m: &Value) -> std::collections::BTreeMap<String, usize> {
     let mut by = std::collections::BTreeMap::new();
@@ -492,7 +492,7 @@ fn dual_stack_lab_carries_ipv6_between_nodes_on_both_dataplanes() {
         if dataplane == "ebpf" {
             // Host-routed over IPv6 too: no node forwards the pods' packets.
             for n in ["n1", "n2"] {
-                lab.sh(n, &format!("nft -f - <<'EOF'\n{FORWARD_PROBE6}\nEOF"));
+                lab.sh(n, &format!("nft -f - <<'EOF'\n{FORWARD_PROBE}\nEOF"));
             }
             exchange(&lab, "n1-p1", "n2-p1", to, 18093);
             for n in ["n1", "n2"] {

@@ -158,3 +158,23 @@ pub fn result_addrs(result: &Value) -> Vec<String> {
 pub fn ip_of(cidr: &str) -> std::net::IpAddr {
     cidr.split('/').next().unwrap().parse().unwrap_or_else(|e| panic!("bad address {cidr:?}: {e}"))
 }
+
+/// Removes a test node's eBPF fast-path pins when the node goes (a real node
+/// keeps them while it lives; the attached filters keep running pods going).
+pub struct Pins<'a>(pub &'a Netns);
+
+impl Drop for Pins<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.enter(tern_bpf::unpin_current_netns);
+    }
+}
+
+/// The node's fast-path entry for `addr`.
+pub fn fast_entry(node: &Netns, addr: std::net::IpAddr) -> Option<tern_bpf::Endpoint> {
+    node.enter(|| tern_bpf::FastPath::open_existing().unwrap().and_then(|fp| fp.endpoint(addr).unwrap()))
+}
+
+/// Every fast-path entry of the node.
+pub fn fast_entries(node: &Netns) -> Vec<tern_bpf::Endpoint> {
+    node.enter(|| tern_bpf::FastPath::open_existing().unwrap().map(|fp| fp.endpoints().unwrap()).unwrap_or_default())
+}
