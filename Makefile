@@ -9,12 +9,14 @@ CARGO ?= cargo
 # Integration tests are parallel-safe and mostly wait on the kernel and on
 # child processes, so a little more than the 2 cores pays off.
 TEST_THREADS ?= 4
-# The executable is linked statically: a runtime starts it for every ADD and
-# DEL, and with the dynamic loader's relocations and lookups gone a start
-# costs ~0.7 ms less (BENCHMARKS.md). An explicit --target keeps the flag off
-# build scripts and proc macros, which must stay dynamic.
+# The executable is linked statically and not position-independent, like the
+# reference plugins' Go executables: a runtime starts it for every ADD and
+# DEL, and without the dynamic loader (~0.7 ms) and the start-up relocation
+# of a static PIE (~0.2 ms) a start costs that much less (BENCHMARKS.md). An
+# explicit --target keeps the flags off build scripts and proc macros, which
+# must stay dynamic.
 HOST := $(shell PATH="$(PATH)" rustc -vV 2>/dev/null | sed -n 's/^host: //p')
-STATIC := RUSTFLAGS='-C target-feature=+crt-static'
+STATIC := RUSTFLAGS='-C target-feature=+crt-static -C relocation-model=static'
 CARGO_FLAGS := --release --target $(HOST)
 TERN := target/$(HOST)/release/tern
 

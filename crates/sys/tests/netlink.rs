@@ -116,6 +116,27 @@ fn veth_peer_created_in_other_netns() {
     assert!(nla.link_by_index(va.index).unwrap().is_none());
 }
 
+/// The detached delete returns before the kernel has unregistered the pair
+/// (which takes grace periods), and the pair does go, in the namespace that
+/// was current on the calling thread, not in the test's own.
+#[test]
+fn detached_delete_removes_the_pair_in_the_calling_threads_netns() {
+    let a = TestNs::new();
+    let b = TestNs::new();
+    let (nla, nlb) = (a.nl(), b.nl());
+    nla.create_veth("tdx", "tdxp", &b.ns, None, None, None).unwrap();
+    a.run(|| tern_sys::netlink::delete_link_detached("tdx")).unwrap();
+    let gone = |nl: &Netlink, name: &str| nl.link(name).unwrap().is_none();
+    let deadline = Instant::now() + std::time::Duration::from_secs(5);
+    while !(gone(&nla, "tdx") && gone(&nlb, "tdxp")) && Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(gone(&nla, "tdx") && gone(&nlb, "tdxp"), "the pair is still there");
+    // A name that is not there, and one the kernel would reject.
+    a.run(|| tern_sys::netlink::delete_link_detached("tdx")).unwrap();
+    assert!(tern_sys::netlink::delete_link_detached("x".repeat(16).as_str()).is_err());
+}
+
 #[test]
 fn veth_both_ends_same_netns() {
     let a = TestNs::new();

@@ -10,12 +10,6 @@ fn main() {
     let invoked_as = Path::new(&argv0).file_name().and_then(|n| n.to_str()).unwrap_or("tern").to_string();
     let cni_command = std::env::var("CNI_COMMAND").map(|c| !c.is_empty()).unwrap_or(false);
 
-    // A veth reaper started by DEL (see tern_plugins::pod::reap).
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some(tern_plugins::pod::reap::REAP_ARG) {
-        std::process::exit(tern_plugins::pod::reap::reap_main(&args[1..]));
-    }
-
     if let Some(plugin) = tern_plugins::plugin_by_name(&invoked_as) {
         // `tern` without CNI_COMMAND is the CLI; other plugin names print
         // their "about" text as the reference plugins do.

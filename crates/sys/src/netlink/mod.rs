@@ -14,6 +14,7 @@
 //! `block_on` their own runtime); use `spawn_blocking` there.
 
 mod addr;
+mod detached;
 mod link;
 mod neigh;
 mod route;
@@ -30,6 +31,7 @@ use rtnetlink::sys::AsyncSocket;
 use crate::error::{Result, SysError};
 use crate::netns::NetNs;
 
+pub use self::detached::delete_link_detached;
 pub use self::link::LinkInfo;
 pub use self::neigh::NeighbourInfo;
 pub use self::route::{Family, RouteInfo, RouteSpec};
