@@ -36,7 +36,15 @@
  * source address must belong to this very veth, and the source MAC must be
  * the pod's).
  *
- * One instance (program and map) per node network namespace, pinned under
+ * Flow cache: a local pod-to-pod decision (both endpoint lookups and every
+ * check) is remembered per CPU in tern_flows, keyed by ingress device,
+ * source and destination address, with the generation of tern_generation
+ * it was made under. Userspace bumps the generation after every change to
+ * tern_endpoints, so a remembered decision is only ever the one the map
+ * would give now. A hit still checks both MAC addresses and the TTL; it
+ * saves the two hash lookups, most of the program's cost (BENCHMARKS.md).
+ *
+ * One instance (program and maps) per node network namespace, pinned under
  * /run/tern/bpf/ by the namespace's cookie (see crates/bpf): a map keyed
  * by address alone cannot serve two namespaces, and the program cannot
  * tell which namespace it runs in (bpf_get_netns_cookie(skb) answers with
@@ -122,6 +130,37 @@ struct {
 	__type(key, __u32);
 	__type(value, struct tern_uplink);
 } tern_uplinks SEC(".maps");
+
+/* Bumped by userspace after every change to tern_endpoints. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} tern_generation SEC(".maps");
+
+/* A remembered local redirect (see the flow cache above). */
+struct tern_flow {
+	__u64 generation; /* 0: empty (userspace starts at 1) */
+	__u64 hits;       /* packets redirected by this entry, not yet in dst's counter */
+	__u32 ifindex;    /* the source pod's host veth */
+	__u32 target;     /* the destination pod's host veth */
+	struct tern_endpoint_key src, dst;
+	__u8 in_src[6];   /* expected Ethernet source and destination */
+	__u8 in_dst[6];
+	__u8 out_src[6];  /* rewritten to (routed), else unchanged */
+	__u8 out_dst[6];
+	__u8 routed;
+	__u8 pad[7];
+};
+
+#define TERN_FLOW_SLOTS 256
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, TERN_FLOW_SLOTS);
+	__type(key, __u32);
+	__type(value, struct tern_flow);
+} tern_flows SEC(".maps");
 
 static __always_inline int mac_eq(const __u8 *a, const __u8 *b)
 {
@@ -263,6 +302,48 @@ static __always_inline int route_to_uplink(struct __sk_buff *skb, struct iphdr *
 	return bpf_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
 }
 
+static __always_inline int key_eq(const struct tern_endpoint_key *a, const struct tern_endpoint_key *b)
+{
+	const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
+
+	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3] && x[4] == y[4];
+}
+
+/* Spread flows of one device to several destinations over the slots. */
+static __always_inline __u32 flow_slot(__u32 ifindex, const struct tern_endpoint_key *dst)
+{
+	__u32 word = ((const __u32 *)dst)[4] ^ ((const __u32 *)dst)[1];
+
+	return ((ifindex ^ word) * 2654435761u) >> 24; /* < TERN_FLOW_SLOTS */
+}
+
+/* Remember a redirect; first hand the hits of the entry it replaces, if
+ * still current, to that entry's destination. */
+static __always_inline void flow_remember(struct tern_flow *f, __u64 generation, __u32 ifindex,
+					  const struct tern_endpoint_key *src_key,
+					  const struct tern_endpoint_key *dst_key, const struct ethhdr *eth,
+					  const struct tern_endpoint *dst, int routed)
+{
+	if (f->generation == generation && f->hits) {
+		struct tern_endpoint *old = bpf_map_lookup_elem(&tern_endpoints, &f->dst);
+		if (old)
+			old->redirected += f->hits;
+	}
+	f->generation = generation;
+	f->hits = 0;
+	f->ifindex = ifindex;
+	f->target = dst->host_ifindex;
+	f->src = *src_key;
+	f->dst = *dst_key;
+	mac_copy(f->in_src, eth->h_source);
+	mac_copy(f->in_dst, eth->h_dest);
+	f->routed = routed;
+	if (routed) {
+		mac_copy(f->out_src, dst->host_mac);
+		mac_copy(f->out_dst, dst->pod_mac);
+	}
+}
+
 SEC("classifier")
 int tern_fastpath(struct __sk_buff *skb)
 {
@@ -273,11 +354,30 @@ int tern_fastpath(struct __sk_buff *skb)
 	struct tern_endpoint *src, *dst;
 	struct iphdr *ip4 = 0;
 	struct ipv6hdr *ip6 = 0;
+	struct tern_flow *flow;
+	__u64 *generation;
+	__u32 slot, zero = 0;
 
 	if ((void *)(eth + 1) > data_end)
 		return TC_ACT_OK;
 	if (!parse(skb, &ip4, &ip6, &src_key, &dst_key))
 		return TC_ACT_OK;
+
+	slot = flow_slot(skb->ifindex, &dst_key);
+	generation = bpf_map_lookup_elem(&tern_generation, &zero);
+	flow = bpf_map_lookup_elem(&tern_flows, &slot);
+	if (generation && flow && flow->generation == *generation && flow->ifindex == skb->ifindex &&
+	    key_eq(&flow->dst, &dst_key) && key_eq(&flow->src, &src_key) && mac_eq(eth->h_source, flow->in_src) &&
+	    mac_eq(eth->h_dest, flow->in_dst)) {
+		if (flow->routed) {
+			if (!decrement_ttl(ip4, ip6))
+				return TC_ACT_OK;
+			mac_copy(eth->h_source, flow->out_src);
+			mac_copy(eth->h_dest, flow->out_dst);
+		}
+		flow->hits++;
+		return bpf_redirect_peer(flow->target, 0);
+	}
 
 	/* Anti-spoofing: the source address is this device's own pod's. */
 	src = bpf_map_lookup_elem(&tern_endpoints, &src_key);
@@ -305,6 +405,8 @@ int tern_fastpath(struct __sk_buff *skb)
 			return TC_ACT_OK;
 		if (!decrement_ttl(ip4, ip6))
 			return TC_ACT_OK;
+		if (generation && flow)
+			flow_remember(flow, *generation, skb->ifindex, &src_key, &dst_key, eth, dst, 1);
 		mac_copy(eth->h_source, dst->host_mac);
 		mac_copy(eth->h_dest, dst->pod_mac);
 	} else {
@@ -312,6 +414,8 @@ int tern_fastpath(struct __sk_buff *skb)
 		if ((dst->flags & TERN_EP_ROUTED) || dst->segment != src->segment ||
 		    !mac_eq(eth->h_dest, dst->pod_mac))
 			return TC_ACT_OK;
+		if (generation && flow)
+			flow_remember(flow, *generation, skb->ifindex, &src_key, &dst_key, eth, dst, 0);
 	}
 
 	/* A statistic, not an account: a plain increment (no locked

@@ -45,6 +45,13 @@
 //!   filters hold the program and through it the map, so losing the pins
 //!   never breaks running pods: the next ADD loads a fresh instance, and
 //!   pods of two instances talk through the kernel path.
+//! * **Flow cache.** The program remembers each local redirect per CPU
+//!   (`tern_flows`) under the generation in `tern_generation`; every change
+//!   to the endpoint map here bumps the generation after it, so no decision
+//!   outlives the entries it was made from. Packets a remembered redirect
+//!   delivers are counted in its slot and handed to the destination's
+//!   counter when the slot is reused; [`FastPath::endpoint`] and
+//!   [`FastPath::endpoints`] add the slots' pending counts.
 //! * Every change (ADD's registration, DEL's removal and unpinning) runs
 //!   under one lock file, `/run/tern/fastpath.lock`, so a DEL never unpins
 //!   an instance an ADD is registering into.
@@ -63,7 +70,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
-use aya::maps::{HashMap, Map, MapData, MapError};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use aya::programs::tc::{
     qdisc_add_clsact, NlOptions, SchedClassifier, SchedClassifierLink, TcAttachOptions, TcAttachType, TcError, TcHandle,
 };
@@ -79,6 +86,12 @@ const ENDPOINTS: &str = "tern_endpoints";
 const CLUSTER: &str = "tern_cluster";
 /// The uplinks host routing may send to, by ifindex, with a counter.
 const UPLINKS: &str = "tern_uplinks";
+/// The flow cache's generation (one u64) and the per-CPU cache itself.
+const GENERATION: &str = "tern_generation";
+const FLOWS: &str = "tern_flows";
+/// `TERN_FLOW_SLOTS` and `sizeof(struct tern_flow)` in the C program.
+const FLOW_SLOTS: u32 = 256;
+const FLOW_LEN: usize = 96;
 /// The uplink program's tc filter: a fixed priority and handle, so a
 /// restarted agent replaces its filter instead of adding a second one, and
 /// the agent finds it to remove it.
@@ -182,8 +195,16 @@ fn map_pin(dir: &Path) -> PathBuf {
 }
 
 /// Every pin of an instance, maps last (what [`unpin_dir`] removes).
-fn all_pins(dir: &Path) -> [PathBuf; 5] {
-    [prog_pin(dir), uplink_prog_pin(dir), dir.join(CLUSTER), dir.join(UPLINKS), map_pin(dir)]
+fn all_pins(dir: &Path) -> [PathBuf; 7] {
+    [
+        prog_pin(dir),
+        uplink_prog_pin(dir),
+        dir.join(CLUSTER),
+        dir.join(UPLINKS),
+        dir.join(GENERATION),
+        dir.join(FLOWS),
+        map_pin(dir),
+    ]
 }
 
 fn current_cookie() -> Result<u64> {
@@ -280,6 +301,7 @@ fn decode(addr: IpAddr, v: &Value) -> Endpoint {
 pub struct FastPath {
     program: Option<SchedClassifier>,
     endpoints: HashMap<MapData, Key, Value>,
+    generation: Array<MapData, u64>,
     netns_cookie: u64,
     dir: PathBuf,
     _lock: nix::fcntl::Flock<File>,
@@ -336,6 +358,11 @@ impl FastPath {
         };
         let map = Map::from_map_data(data).map_err(|e| kernel_err("endpoint map", e))?;
         let endpoints = HashMap::try_from(map).map_err(|e| kernel_err("endpoint map", e))?;
+        let generation_path = dir.join(GENERATION);
+        let generation = MapData::from_pin(&generation_path)
+            .map_err(|e| kernel_err(&format!("open {}", generation_path.display()), e))
+            .and_then(|d| Map::from_map_data(d).map_err(|e| kernel_err(GENERATION, e)))
+            .and_then(|m| Array::try_from(m).map_err(|e| kernel_err(GENERATION, e)))?;
         let program = if with_program {
             // Not SchedClassifier::from_pin: it asks for the program's name
             // in a way that makes aya probe every kernel feature first
@@ -349,7 +376,7 @@ impl FastPath {
         } else {
             None
         };
-        Ok(Some(FastPath { program, endpoints, netns_cookie, dir, _lock: lock }))
+        Ok(Some(FastPath { program, endpoints, generation, netns_cookie, dir, _lock: lock }))
     }
 
     /// The cookie of the node namespace this handle serves.
@@ -470,11 +497,22 @@ impl FastPath {
 
     /// Register (or replace) one address of a local pod.
     pub fn add_endpoint(&mut self, ep: &Endpoint) -> Result<()> {
-        self.endpoints.insert(key(ep.addr), encode(ep), 0).map_err(|e| kernel_err(&format!("register {}", ep.addr), e))
+        self.endpoints
+            .insert(key(ep.addr), encode(ep), 0)
+            .map_err(|e| kernel_err(&format!("register {}", ep.addr), e))?;
+        self.invalidate_flows()
     }
 
-    /// The entry of `addr` in this namespace.
+    /// The entry of `addr` in this namespace, its counter including what
+    /// the flow cache has not handed over yet.
     pub fn endpoint(&self, addr: IpAddr) -> Result<Option<Endpoint>> {
+        let Some(mut ep) = self.stored_endpoint(addr)? else { return Ok(None) };
+        ep.redirected += self.pending_hits()?.iter().filter(|(k, _)| *k == key(addr)).map(|(_, n)| n).sum::<u64>();
+        Ok(Some(ep))
+    }
+
+    /// The entry of `addr` as stored, counter without the flow cache's share.
+    fn stored_endpoint(&self, addr: IpAddr) -> Result<Option<Endpoint>> {
         match self.endpoints.get(&key(addr), 0) {
             Ok(v) => Ok(Some(decode(addr, &v))),
             Err(MapError::KeyNotFound) => Ok(None),
@@ -482,8 +520,25 @@ impl FastPath {
         }
     }
 
-    /// Every entry of this namespace.
+    /// Whether `addr` has an entry with the fast flag (cheaper than
+    /// [`Self::endpoint`]: no counters).
+    pub fn is_fast(&self, addr: IpAddr) -> Result<bool> {
+        Ok(self.stored_endpoint(addr)?.is_some_and(|e| e.fast))
+    }
+
+    /// Every entry of this namespace (counters as in [`Self::endpoint`]).
     pub fn endpoints(&self) -> Result<Vec<Endpoint>> {
+        let pending = self.pending_hits()?;
+        let mut out = self.stored_endpoints();
+        for ep in &mut out {
+            let k = key(ep.addr);
+            ep.redirected += pending.iter().filter(|(pk, _)| *pk == k).map(|(_, n)| n).sum::<u64>();
+        }
+        Ok(out)
+    }
+
+    /// Every entry as stored, counters without the flow cache's share.
+    fn stored_endpoints(&self) -> Vec<Endpoint> {
         let mut out = Vec::new();
         for k in self.endpoints.keys() {
             // An entry removed while we iterate ends the walk early at worst.
@@ -493,22 +548,56 @@ impl FastPath {
                 out.push(decode(addr, &v));
             }
         }
-        Ok(out)
+        out
     }
 
     /// Remove the entry of `addr` in this namespace, if any.
     pub fn remove_endpoint(&mut self, addr: IpAddr) -> Result<()> {
         match self.endpoints.remove(&key(addr)) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(kernel_err(&format!("remove {addr}"), e)),
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(kernel_err(&format!("remove {addr}"), e)),
         }
+        self.invalidate_flows()
+    }
+
+    /// A new generation: every remembered redirect is forgotten. Called
+    /// after each change to the endpoint map (under the lock, so the
+    /// read-modify-write is ours alone).
+    fn invalidate_flows(&mut self) -> Result<()> {
+        let current = self.generation.get(&0, 0).map_err(|e| kernel_err(GENERATION, e))?;
+        self.generation.set(0, current.wrapping_add(1).max(1), 0).map_err(|e| kernel_err(GENERATION, e))
+    }
+
+    /// Packets remembered redirects delivered that are not yet in their
+    /// destination's counter: (destination key, count) of the current
+    /// generation's flows, over every CPU.
+    fn pending_hits(&self) -> Result<Vec<(Key, u64)>> {
+        let current = self.generation.get(&0, 0).map_err(|e| kernel_err(GENERATION, e))?;
+        let path = self.dir.join(FLOWS);
+        let flows: PerCpuArray<MapData, [u8; FLOW_LEN]> = MapData::from_pin(&path)
+            .map_err(|e| kernel_err(&format!("open {}", path.display()), e))
+            .and_then(|d| Map::from_map_data(d).map_err(|e| kernel_err(FLOWS, e)))
+            .and_then(|m| PerCpuArray::try_from(m).map_err(|e| kernel_err(FLOWS, e)))?;
+        let mut out = Vec::new();
+        for slot in 0..FLOW_SLOTS {
+            let values = flows.get(&slot, 0).map_err(|e| kernel_err(FLOWS, e))?;
+            for flow in values.iter() {
+                let generation = u64::from_ne_bytes(flow[0..8].try_into().expect("8 bytes"));
+                let hits = u64::from_ne_bytes(flow[8..16].try_into().expect("8 bytes"));
+                if generation == current && hits > 0 {
+                    // struct tern_flow: generation, hits, ifindex, target, src, dst.
+                    out.push((flow[44..64].try_into().expect("20 bytes"), hits));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Remove the entries of this namespace that `doomed` selects; returns
     /// how many went.
     pub fn remove_endpoints(&mut self, doomed: impl Fn(&Endpoint) -> bool) -> Result<usize> {
-        let victims: Vec<IpAddr> = self.endpoints()?.into_iter().filter(|e| doomed(e)).map(|e| e.addr).collect();
+        let victims: Vec<IpAddr> = self.stored_endpoints().into_iter().filter(|e| doomed(e)).map(|e| e.addr).collect();
         for addr in &victims {
             self.remove_endpoint(*addr)?;
         }
@@ -522,7 +611,7 @@ impl FastPath {
     pub fn set_policy_bypass(&mut self, addrs: &[IpAddr], fast: bool) -> Result<usize> {
         let mut changed = 0;
         for &addr in addrs {
-            let Some(mut ep) = self.endpoint(addr)? else { continue };
+            let Some(mut ep) = self.stored_endpoint(addr)? else { continue };
             if ep.fast != fast {
                 ep.fast = fast;
                 ep.redirected = 0;
@@ -603,10 +692,13 @@ fn lock() -> Result<nix::fcntl::Flock<File>> {
 fn load_and_pin(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| err(format!("create {}", dir.display()), e))?;
     let (map_path, cluster_path, uplinks_path) = (map_pin(dir), dir.join(CLUSTER), dir.join(UPLINKS));
+    let (generation_path, flows_path) = (dir.join(GENERATION), dir.join(FLOWS));
     let mut ebpf = EbpfLoader::new()
         .map_pin_path(ENDPOINTS, map_path.as_path())
         .map_pin_path(CLUSTER, cluster_path.as_path())
         .map_pin_path(UPLINKS, uplinks_path.as_path())
+        .map_pin_path(GENERATION, generation_path.as_path())
+        .map_pin_path(FLOWS, flows_path.as_path())
         .load(OBJECT)
         .map_err(|e| kernel_err("load the program", e))?;
     for (name, pin) in [(PROGRAM, prog_pin(dir)), (UPLINK_PROGRAM, uplink_prog_pin(dir))] {

@@ -221,6 +221,58 @@ fn firewall_chained_pods_take_the_kernel_path() {
     node.assert_clean();
 }
 
+/// The program remembers each redirect (its flow cache); taking a pod off
+/// the fast path after its flows were remembered must still send its next
+/// packets through the kernel path at once, in both directions and both
+/// families, and putting it back must bring the fast path back. The counters
+/// include what remembered redirects delivered.
+#[test]
+fn remembered_redirects_follow_changes_to_the_endpoints() {
+    let k = 10;
+    let node = fast_node(k);
+    let _pins = Pins(&node.ns);
+    let (pod_a, pod_b) = (Netns::new("tfa"), Netns::new("tfb"));
+    let conf = conf(&node, k, "routed", json!({}));
+    let res_a = node.add_ok(&conf, "ctr-a", &pod_a);
+    let res_b = node.add_ok(&conf, "ctr-b", &pod_b);
+    let (a, b) = (addrs(&res_a), addrs(&res_b));
+    count_forwarded_tcp(&node.ns);
+    // Warm the flows: each connection after the first hits remembered redirects.
+    for &ip in &b {
+        let before = redirected(&node.ns, ip);
+        for port in 0..5 {
+            assert!(tcp_ok(&pod_a, &pod_b, ip, 8090 + port), "pod a -> pod b {ip}");
+        }
+        // A TCP connection is at least 3 packets to the server and a close.
+        let after = redirected(&node.ns, ip);
+        assert!(after >= before + 5 * 3, "{ip} counted {before} -> {after}");
+    }
+    assert_eq!(forwarded_tcp(&node.ns), 0);
+
+    node.ns.enter(|| tern_bpf::FastPath::open_existing().unwrap().unwrap().set_policy_bypass(&b, false).unwrap());
+    for i in 0..2 {
+        let forwarded = forwarded_tcp(&node.ns);
+        assert!(tcp_ok(&pod_a, &pod_b, b[i], 8100), "pod a -> pod b {}", b[i]);
+        assert!(tcp_ok(&pod_b, &pod_a, a[i], 8101), "pod b -> pod a {}", a[i]);
+        assert!(forwarded_tcp(&node.ns) > forwarded, "a remembered redirect outlived the fast flag ({})", b[i]);
+        assert_eq!(redirected(&node.ns, b[i]), 0, "{} is off the fast path", b[i]);
+    }
+
+    node.ns.enter(|| tern_bpf::FastPath::open_existing().unwrap().unwrap().set_policy_bypass(&b, true).unwrap());
+    let forwarded = forwarded_tcp(&node.ns);
+    for &ip in &b {
+        assert!(tcp_ok(&pod_a, &pod_b, ip, 8102), "pod a -> pod b {ip}");
+        assert!(redirected(&node.ns, ip) > 0, "{ip} is back on the fast path");
+    }
+    assert_eq!(forwarded_tcp(&node.ns), forwarded, "back on the fast path, yet forwarded");
+    drop_counter(&node.ns);
+
+    assert_empty_ok(&node.del(&with_prev(&conf, &res_a), "ctr-a", Some(&pod_a.path())));
+    assert_empty_ok(&node.del(&with_prev(&conf, &res_b), "ctr-b", Some(&pod_b.path())));
+    assert_eq!(fast_entries(&node.ns), Vec::<Endpoint>::new(), "entries left after the last DEL");
+    node.assert_clean();
+}
+
 /// A pod sending with another pod's address: the source check fails, the
 /// packets take the kernel path (the forward hook counts them) and never
 /// reach the destination by the fast path.

@@ -98,7 +98,7 @@ pub fn still_fast(addrs: &[IpAddr]) -> Result<Vec<IpAddr>, CniError> {
     let Some(fp) = FastPath::open_existing().map_err(fail)? else { return Ok(Vec::new()) };
     let mut out = Vec::new();
     for &a in addrs {
-        if fp.endpoint(a).map_err(fail)?.is_some_and(|e| e.fast) {
+        if fp.is_fast(a).map_err(fail)? {
             out.push(a);
         }
     }
