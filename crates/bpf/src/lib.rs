@@ -507,7 +507,7 @@ impl FastPath {
     /// the flow cache has not handed over yet.
     pub fn endpoint(&self, addr: IpAddr) -> Result<Option<Endpoint>> {
         let Some(mut ep) = self.stored_endpoint(addr)? else { return Ok(None) };
-        ep.redirected += self.pending_hits()?.iter().filter(|(k, _)| *k == key(addr)).map(|(_, n)| n).sum::<u64>();
+        ep.redirected += pending_for(&self.pending_hits()?, &key(addr));
         Ok(Some(ep))
     }
 
@@ -531,8 +531,7 @@ impl FastPath {
         let pending = self.pending_hits()?;
         let mut out = self.stored_endpoints();
         for ep in &mut out {
-            let k = key(ep.addr);
-            ep.redirected += pending.iter().filter(|(pk, _)| *pk == k).map(|(_, n)| n).sum::<u64>();
+            ep.redirected += pending_for(&pending, &key(ep.addr));
         }
         Ok(out)
     }
@@ -621,6 +620,11 @@ impl FastPath {
         }
         Ok(changed)
     }
+}
+
+/// The sum of the pending counts (see `FastPath::pending_hits`) of `k`.
+fn pending_for(pending: &[(Key, u64)], k: &Key) -> u64 {
+    pending.iter().filter(|(pk, _)| pk == k).map(|(_, n)| n).sum()
 }
 
 /// A `clsact` qdisc on `ifname`, added unless it is there.
