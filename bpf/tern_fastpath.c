@@ -141,7 +141,7 @@ struct {
 
 /* A remembered local redirect (see the flow cache above). */
 struct tern_flow {
-	__u64 generation; /* 0: empty (userspace starts at 1) */
+	__u64 generation; /* of tern_generation; a zeroed slot (ifindex 0) never matches */
 	__u64 hits;       /* packets redirected by this entry, not yet in dst's counter */
 	__u32 ifindex;    /* the source pod's host veth */
 	__u32 target;     /* the destination pod's host veth */
